@@ -1,0 +1,421 @@
+"""Recipes: YAML files loaded into typed dataclasses, validated before any model loads.
+
+Every field is documented here and in docs/recipes.md. Unknown keys, wrong types and
+out-of-range values fail with a `RecipeError` naming the section, the field and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+from .errors import QloraError
+
+
+class RecipeError(QloraError):
+    """A recipe that cannot run: the message names the field and the fix."""
+
+
+@dataclass
+class QuantizationConfig:
+    """How the frozen base is stored.
+
+    Args:
+        bits (int): 4 for NF4/FP4 through bitsandbytes, 16 for an unquantized bf16 base
+            (plain LoRA). Default 4.
+        quant_type (str): "nf4" (QLoRA) or "fp4". Default "nf4".
+        double_quant (bool): also quantize the per-block absmax constants (saves ~0.37
+            bits/param). Default True.
+        compute_dtype (str): dtype of the matmuls, "bfloat16" or "float16" (GPUs without
+            bf16, e.g. T4/V100). Default "bfloat16".
+        blocksize (int): elements per quantization block. Default 64.
+    """
+
+    bits: int = 4
+    quant_type: str = "nf4"
+    double_quant: bool = True
+    compute_dtype: str = "bfloat16"
+    blocksize: int = 64
+
+    def __post_init__(self):
+        _check_choice("model.quantization.bits", self.bits, (4, 16))
+        _check_choice("model.quantization.quant_type", self.quant_type, ("nf4", "fp4"))
+        _check_choice("model.quantization.compute_dtype", self.compute_dtype, ("bfloat16", "float16", "float32"))
+        _check_choice("model.quantization.blocksize", self.blocksize, (64, 128, 256, 512, 1024, 2048, 4096))
+
+
+@dataclass
+class ModelConfig:
+    """The base model.
+
+    Args:
+        name_or_path (str): a local Hugging Face model folder, a Hub id, or
+            "qlora-lite:tiny-llama" (a tiny Llama built locally for the CPU demo and tests).
+        revision (str | None): Hub revision (branch, tag or commit). Default None.
+        trust_remote_code (bool): run modelling code shipped with the checkpoint. Default False.
+        gradient_checkpointing (bool): recompute activations in backward. Default True.
+        quantization (QuantizationConfig): see above.
+    """
+
+    name_or_path: str = ""
+    revision: str | None = None
+    trust_remote_code: bool = False
+    gradient_checkpointing: bool = True
+    quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
+
+    def __post_init__(self):
+        if not self.name_or_path:
+            raise RecipeError("model.name_or_path is required: a local model folder or a Hub id.")
+
+
+@dataclass
+class LoraConfig:
+    """The adapters: W = W0 + scale * B @ A with scale = alpha / r (or alpha / sqrt(r)).
+
+    Args:
+        r (int): rank. Default 16.
+        alpha (float): scaling numerator; usually 2*r. Default 32.
+        dropout (float): dropout on the adapter input, in [0, 1). Default 0.05.
+        target_modules (str | list[str]): "all-linear" (every linear but lm_head) or a list
+            of module-name suffixes such as ["q_proj", "v_proj"]. Default "all-linear".
+        rslora (bool): rank-stabilised scale alpha / sqrt(r). Default False.
+    """
+
+    r: int = 16
+    alpha: float = 32
+    dropout: float = 0.05
+    target_modules: Any = "all-linear"
+    rslora: bool = False
+
+    def __post_init__(self):
+        _check_positive("lora.r", self.r)
+        _check_positive("lora.alpha", self.alpha)
+        if not 0 <= self.dropout < 1:
+            raise RecipeError(f"lora.dropout must be in [0, 1), got {self.dropout!r}.")
+        tm = self.target_modules
+        if isinstance(tm, str):
+            if tm != "all-linear":
+                self.target_modules = [tm]
+        elif not (isinstance(tm, list) and tm and all(isinstance(t, str) for t in tm)):
+            raise RecipeError(
+                f"lora.target_modules must be 'all-linear' or a non-empty list of module names, got {tm!r}."
+            )
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / (self.r ** 0.5 if self.rslora else self.r)
+
+
+@dataclass
+class DataConfig:
+    """Training data.
+
+    Args:
+        path (str): a local .json/.jsonl/.parquet/.csv file or a Hub data set id.
+        split (str): split to read from a Hub data set. Default "train".
+        format (str): "auto", "alpaca", "sharegpt", "messages" or "completion". Default "auto".
+        text_field (str): the text column for "completion" data. Default "text".
+        chat_template (str | None): None uses the tokenizer's chat template when it has one and
+            the Alpaca template otherwise; "alpaca" forces the Alpaca template; any other
+            string is a Jinja chat template. Default None.
+        train_on (str): "responses" (loss on assistant turns only) or "all". Default "responses".
+        max_seq_len (int): tokens per sample; longer samples are truncated and counted.
+            Default 512.
+        eval_split (float): fraction of rows held out for eval when eval_path is unset.
+            Default 0.05.
+        eval_path (str | None): a separate eval file. Default None.
+        max_samples (int | None): use only the first N rows (smoke tests). Default None.
+        packing (bool): pack several samples per row, attention kept within each sample.
+            Default False.
+        group_by_length (bool): batch samples of similar length (non-packed). Default True.
+        num_proc (int): processes for tokenizing. Default 1.
+    """
+
+    path: str = ""
+    split: str = "train"
+    format: str = "auto"
+    text_field: str = "text"
+    chat_template: str | None = None
+    train_on: str = "responses"
+    max_seq_len: int = 512
+    eval_split: float = 0.05
+    eval_path: str | None = None
+    max_samples: int | None = None
+    packing: bool = False
+    group_by_length: bool = True
+    num_proc: int = 1
+
+    def __post_init__(self):
+        if not self.path:
+            raise RecipeError("data.path is required: a local data file or a Hub data set id.")
+        _check_choice("data.format", self.format, ("auto", "alpaca", "sharegpt", "messages", "completion"))
+        _check_choice("data.train_on", self.train_on, ("responses", "all"))
+        _check_positive("data.max_seq_len", self.max_seq_len)
+        if not 0 <= self.eval_split < 1:
+            raise RecipeError(f"data.eval_split must be in [0, 1), got {self.eval_split!r}.")
+        if self.max_samples is not None:
+            _check_positive("data.max_samples", self.max_samples)
+        _check_positive("data.num_proc", self.num_proc)
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation loop.
+
+    Args:
+        seed (int): seeds Python, torch and data order. Default 42.
+        epochs (int): passes over the data when max_steps is unset. Default 1.
+        max_steps (int | None): optimizer steps; overrides epochs. Default None.
+        micro_batch_size (int): samples per forward. Default 1.
+        grad_accum (int): micro-batches per optimizer step. Default 16.
+        lr (float): peak learning rate. Default 2e-4.
+        weight_decay (float): AdamW weight decay. Default 0.0.
+        lr_scheduler (str): "cosine", "linear" or "constant". Default "cosine".
+        warmup_steps (int): linear warmup steps. Default 10.
+        max_grad_norm (float): clip threshold; 0 disables clipping. Default 1.0.
+        optimizer (str): "paged_adamw_8bit", "paged_adamw_32bit", "adamw_8bit" or "adamw".
+            Default "paged_adamw_8bit".
+        log_every (int): steps between log records. Default 10.
+        eval_every (int): steps between evals; 0 evaluates only at the end. Default 100.
+        eval_max_batches (int | None): cap on eval batches per eval. Default None.
+        save_every (int): steps between checkpoints; 0 disables. Default 100.
+        keep_last (int): checkpoints kept. Default 2.
+        loss_chunk_size (int): tokens per chunk of the chunked cross-entropy; 0 computes
+            the plain loss over full fp32 logits. Default 1024.
+        device (str): "auto" (CUDA when available), "cuda" or "cpu". Default "auto".
+    """
+
+    seed: int = 42
+    epochs: int = 1
+    max_steps: int | None = None
+    micro_batch_size: int = 1
+    grad_accum: int = 16
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    lr_scheduler: str = "cosine"
+    warmup_steps: int = 10
+    max_grad_norm: float = 1.0
+    optimizer: str = "paged_adamw_8bit"
+    log_every: int = 10
+    eval_every: int = 100
+    eval_max_batches: int | None = None
+    save_every: int = 100
+    keep_last: int = 2
+    loss_chunk_size: int = 1024
+    device: str = "auto"
+
+    def __post_init__(self):
+        _check_positive("train.epochs", self.epochs)
+        if self.max_steps is not None:
+            _check_positive("train.max_steps", self.max_steps)
+        _check_positive("train.micro_batch_size", self.micro_batch_size)
+        _check_positive("train.grad_accum", self.grad_accum)
+        _check_positive("train.lr", self.lr)
+        _check_nonnegative("train.weight_decay", self.weight_decay)
+        _check_choice("train.lr_scheduler", self.lr_scheduler, ("cosine", "linear", "constant"))
+        _check_nonnegative("train.warmup_steps", self.warmup_steps)
+        _check_nonnegative("train.max_grad_norm", self.max_grad_norm)
+        _check_choice("train.optimizer", self.optimizer, OPTIMIZERS)
+        _check_positive("train.log_every", self.log_every)
+        _check_nonnegative("train.eval_every", self.eval_every)
+        _check_nonnegative("train.save_every", self.save_every)
+        _check_positive("train.keep_last", self.keep_last)
+        _check_nonnegative("train.loss_chunk_size", self.loss_chunk_size)
+        _check_choice("train.device", self.device, ("auto", "cuda", "cpu"))
+
+
+OPTIMIZERS = ("paged_adamw_8bit", "paged_adamw_32bit", "adamw_8bit", "adamw")
+
+
+@dataclass
+class OutputConfig:
+    """Where the run goes.
+
+    Args:
+        dir (str): the run folder (metrics, checkpoints, adapter, summary). Relative paths
+            are taken from the current directory.
+    """
+
+    dir: str = "runs/default"
+
+
+@dataclass
+class Recipe:
+    """A whole run: model, lora, data, train, output."""
+
+    model: ModelConfig
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: DataConfig | None = None
+    train: TrainConfig = field(default_factory=TrainConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+SECTIONS = {"model": ModelConfig, "lora": LoraConfig, "data": DataConfig, "train": TrainConfig, "output": OutputConfig}
+NESTED = {(ModelConfig, "quantization"): QuantizationConfig}
+
+
+# ---------------------------------------------------------------- checks
+
+
+def _check_positive(name: str, value):
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+        raise RecipeError(f"{name} must be a number > 0, got {value!r}.")
+
+
+def _check_nonnegative(name: str, value):
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
+        raise RecipeError(f"{name} must be a number >= 0, got {value!r}.")
+
+
+def _check_choice(name: str, value, choices):
+    if value not in choices:
+        raise RecipeError(f"{name} must be one of {', '.join(map(str, choices))}; got {value!r}.")
+
+
+def _unknown_key(section: str, key: str, valid) -> RecipeError:
+    close = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.5)
+    hint = f" Did you mean `{close[0]}`?" if close else f" Valid keys: {', '.join(sorted(valid))}."
+    where = f"section `{section}`" if section else "the top level"
+    return RecipeError(f"Unknown key `{key}` in {where}.{hint}")
+
+
+def _coerce(name: str, value, annotation):
+    """Check `value` against a field's type; ints are accepted where floats are expected.
+
+    YAML reads `1e-4` as a string (PyYAML follows YAML 1.1), so numeric strings are
+    converted for float fields: that is the typo people make most and it is unambiguous.
+    """
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        non_none = [a for a in args if a is not type(None)]
+        errors = []
+        for a in non_none:
+            try:
+                return _coerce(name, value, a)
+            except RecipeError as e:
+                errors.append(e)
+        raise errors[0]
+    if annotation is Any:
+        return value
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        raise RecipeError(f"{name} must be true or false, got {value!r}.")
+    if annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise RecipeError(f"{name} must be an integer, got {value!r}.")
+    if annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise RecipeError(f"{name} must be a number, got {value!r}.")
+    if annotation is str:
+        if isinstance(value, str):
+            return value
+        raise RecipeError(f"{name} must be a string, got {value!r}.")
+    return value
+
+
+def _build(cls, section: str, raw):
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise RecipeError(f"Section `{section}` must be a mapping of keys to values, got {raw!r}.")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in raw.items():
+        if key not in fields:
+            raise _unknown_key(section, key, fields)
+        nested = NESTED.get((cls, key))
+        if nested is not None:
+            kwargs[key] = _build(nested, f"{section}.{key}", value)
+        else:
+            kwargs[key] = _coerce(f"{section}.{key}", value, hints[key])
+    return cls(**kwargs)
+
+
+def recipe_from_dict(raw: dict) -> Recipe:
+    """Build and validate a Recipe from a plain dict (the parsed YAML)."""
+    if not isinstance(raw, dict):
+        raise RecipeError("A recipe must be a YAML mapping with sections model, lora, data, train, output.")
+    for key in raw:
+        if key not in SECTIONS:
+            raise _unknown_key("", key, SECTIONS)
+    if "model" not in raw:
+        raise RecipeError("The recipe has no `model` section; add `model: {name_or_path: ...}`.")
+    parts = {name: _build(cls, name, raw.get(name)) for name, cls in SECTIONS.items() if name in raw}
+    return Recipe(**parts)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Parse `section.key=value` (value read as YAML) into (path, value)."""
+    if "=" not in text:
+        raise RecipeError(f"--set expects section.key=value, got {text!r} (e.g. --set train.lr=1e-4).")
+    key, value = text.split("=", 1)
+    path = key.strip().split(".")
+    if len(path) < 2 or not all(path):
+        raise RecipeError(f"--set expects section.key=value, got {text!r} (e.g. --set train.lr=1e-4).")
+    return path, yaml.safe_load(value)
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Apply `--set a.b=c` overrides to the parsed YAML, before validation."""
+    for text in overrides:
+        path, value = parse_override(text)
+        node = raw
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise RecipeError(f"--set {text}: `{part}` is not a section.")
+        node[path[-1]] = value
+    return raw
+
+
+def load_recipe(path: str | os.PathLike, overrides: list[str] | tuple = ()) -> Recipe:
+    """Read a YAML recipe, apply `--set` overrides, validate.
+
+    Args:
+        path (str | PathLike): the YAML file.
+        overrides (list[str]): `section.key=value` strings. Default ().
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise RecipeError(f"Recipe file {str(p)!r} not found; pass a path such as recipes/tiny-cpu-sft.yaml.")
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise RecipeError(f"Recipe {str(p)!r} is not valid YAML: {e}") from None
+    return recipe_from_dict(apply_overrides(raw, list(overrides)))
+
+
+def save_recipe(recipe: Recipe, path: str | os.PathLike) -> None:
+    """Write the resolved recipe as YAML (atomically), so a run folder describes itself."""
+    from .io import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+
+
+def recipe_json(recipe: Recipe) -> str:
+    return json.dumps(recipe.to_dict(), sort_keys=True)
