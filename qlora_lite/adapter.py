@@ -1,0 +1,152 @@
+"""Adapter files in PEFT's format: `adapter_model.safetensors` + `adapter_config.json`.
+
+Keys are `base_model.model.<module path>.lora_A.weight` (and `lora_B`), as PEFT saves
+them, so `peft.PeftModel.from_pretrained` loads ours and we load PEFT's.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save
+
+from .errors import QloraError
+from .io import atomic_write_bytes, atomic_write_json
+from .lora import LoRALinear, attach_lora, lora_modules, lora_state_dict
+from .recipe import LoraConfig
+
+WEIGHTS_NAME = "adapter_model.safetensors"
+CONFIG_NAME = "adapter_config.json"
+PEFT_PREFIX = "base_model.model."
+_KEY = re.compile(r"^base_model\.model\.(.+)\.(lora_[AB])(?:\.default)?\.weight$")
+
+
+def adapter_config_dict(cfg: LoraConfig, targets: list[str], base_model_name_or_path: str) -> dict:
+    """The adapter_config.json fields PEFT reads for a plain LoRA adapter."""
+    suffixes = sorted({t.rsplit(".", 1)[-1] for t in targets})
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model_name_or_path,
+        "r": cfg.r,
+        "lora_alpha": cfg.alpha,
+        "lora_dropout": cfg.dropout,
+        "target_modules": suffixes,
+        "use_rslora": cfg.rslora,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "modules_to_save": None,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "use_dora": False,
+        "revision": None,
+    }
+
+
+def save_adapter(model, out_dir: str | Path, cfg: LoraConfig, base_model_name_or_path: str) -> int:
+    """Write the adapter (atomically, file by file). Returns the weights file size in bytes.
+
+    Args:
+        model (nn.Module): a model with LoRALinear layers.
+        out_dir (str | Path): folder to write into (created).
+        cfg (LoraConfig): the adapter hyperparameters.
+        base_model_name_or_path (str): recorded for loaders.
+    """
+    out = Path(out_dir)
+    tensors = {PEFT_PREFIX + k: v.contiguous().cpu() for k, v in lora_state_dict(model).items()}
+    if not tensors:
+        raise QloraError("The model has no LoRA layers to save.")
+    blob = save(tensors, metadata={"format": "pt"})
+    atomic_write_bytes(out / WEIGHTS_NAME, blob)
+    atomic_write_json(out / CONFIG_NAME, adapter_config_dict(cfg, list(lora_modules(model)), base_model_name_or_path))
+    return len(blob)
+
+
+def read_adapter_config(adapter_dir: str | Path) -> tuple[LoraConfig, dict]:
+    """(LoraConfig, raw adapter_config.json) of a PEFT-format adapter folder."""
+    d = Path(adapter_dir)
+    path = d / CONFIG_NAME
+    if not path.is_file():
+        raise QloraError(f"{str(path)!r} not found: an adapter folder holds {CONFIG_NAME} and {WEIGHTS_NAME}.")
+    raw = json.loads(path.read_text())
+    if raw.get("peft_type", "LORA") != "LORA":
+        raise QloraError(f"{str(path)!r}: peft_type {raw['peft_type']!r} is not supported, only LORA.")
+    for key, ok in (("use_dora", False), ("bias", "none")):
+        if raw.get(key, ok) != ok:
+            raise QloraError(f"{str(path)!r}: {key}={raw[key]!r} is not supported (needs {ok!r}).")
+    if raw.get("rank_pattern") or raw.get("alpha_pattern"):
+        raise QloraError(f"{str(path)!r}: per-module rank_pattern/alpha_pattern are not supported.")
+    tm = raw.get("target_modules") or "all-linear"
+    cfg = LoraConfig(r=int(raw["r"]), alpha=float(raw["lora_alpha"]), dropout=float(raw.get("lora_dropout") or 0.0),
+                     target_modules=sorted(tm) if isinstance(tm, (list, set)) else tm,
+                     rslora=bool(raw.get("use_rslora", False)))
+    return cfg, raw
+
+
+def read_adapter_weights(adapter_dir: str | Path) -> dict[str, dict[str, torch.Tensor]]:
+    """{module path: {"lora_A": A, "lora_B": B}} from the adapter's safetensors file."""
+    path = Path(adapter_dir) / WEIGHTS_NAME
+    if not path.is_file():
+        raise QloraError(f"{str(path)!r} not found; only safetensors adapters are read (no pickle).")
+    modules: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in load_file(str(path)).items():
+        m = _KEY.match(key)
+        if m is None:
+            raise QloraError(f"{str(path)!r}: unexpected tensor {key!r}; only LoRA A/B weights are supported.")
+        modules.setdefault(m.group(1), {})[m.group(2)] = t
+    for name, ab in modules.items():
+        if set(ab) != {"lora_A", "lora_B"}:
+            raise QloraError(f"{str(path)!r}: module {name!r} has {sorted(ab)} but needs lora_A and lora_B.")
+    return modules
+
+
+def check_adapter_fits(model, weights: dict[str, dict[str, torch.Tensor]]) -> None:
+    """Raise QloraError naming the first module whose name or shapes do not match the base."""
+    names = dict(model.named_modules())
+    for name, ab in weights.items():
+        m = names.get(name)
+        if m is None:
+            raise QloraError(f"Adapter module {name!r} does not exist in the base model; "
+                             "was the adapter trained on another model?")
+        base = m.base if isinstance(m, LoRALinear) else m
+        d_in, d_out = getattr(base, "in_features", None), getattr(base, "out_features", None)
+        r = ab["lora_A"].shape[0]
+        want_a, want_b = (r, d_in), (d_out, r)
+        if tuple(ab["lora_A"].shape) != want_a or tuple(ab["lora_B"].shape) != want_b:
+            raise QloraError(
+                f"Adapter does not fit module {name!r}: adapter lora_A {tuple(ab['lora_A'].shape)} / "
+                f"lora_B {tuple(ab['lora_B'].shape)}, base needs {want_a} / {want_b} "
+                f"(base linear is {d_in} -> {d_out}); was the adapter trained on another model?")
+
+
+def load_adapter(model, adapter_dir: str | Path, dtype: torch.dtype = torch.bfloat16) -> LoraConfig:
+    """Attach (if needed) and fill LoRA layers from a PEFT-format adapter folder.
+
+    Args:
+        model (nn.Module): the base model, with or without LoRA layers already attached.
+        adapter_dir (str | Path): folder with adapter_config.json + adapter_model.safetensors.
+        dtype (torch.dtype): adapter dtype in memory. Default torch.bfloat16.
+    """
+    cfg, _ = read_adapter_config(adapter_dir)
+    weights = read_adapter_weights(adapter_dir)
+    check_adapter_fits(model, weights)
+    existing = lora_modules(model)
+    if not existing:
+        attach_lora(model, cfg, targets=[n for n, _ in model.named_modules() if n in weights], dtype=dtype)
+        existing = lora_modules(model)
+    elif set(existing) != set(weights):
+        missing = sorted(set(existing) - set(weights)) or sorted(set(weights) - set(existing))
+        raise QloraError(f"Adapter and model disagree on adapted modules, first: {missing[0]!r}.")
+    with torch.no_grad():
+        for name, m in existing.items():
+            m.lora_A.weight.copy_(weights[name]["lora_A"])
+            m.lora_B.weight.copy_(weights[name]["lora_B"])
+            m.scale = cfg.scale
+    return cfg

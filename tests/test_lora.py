@@ -1,0 +1,205 @@
+"""The quantized base + LoRA layer, checked against bitsandbytes and peft."""
+
+from __future__ import annotations
+
+import hashlib
+
+import bitsandbytes as bnb
+import bitsandbytes.functional as F
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from qlora_lite.errors import QloraError
+from qlora_lite.lora import (LoRALinear, attach_lora, count_parameters, expected_lora_params, lora_modules,
+                             lora_parameters, merged_weight, trainable_summary)
+from qlora_lite.model import load_model
+from qlora_lite.recipe import LoraConfig, ModelConfig, QuantizationConfig
+
+from conftest import ARCHS
+
+
+def qlora_model(path, gc=False, bits=4, lora=LoraConfig(r=8, alpha=16, dropout=0.0)):
+    m = load_model(ModelConfig(name_or_path=path, gradient_checkpointing=gc, quantization=QuantizationConfig(bits=bits)))
+    torch.manual_seed(0)
+    attach_lora(m, lora)
+    return m
+
+
+def randomize_b(model, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in lora_modules(model).values():
+            m.lora_B.weight.copy_(torch.randn(m.lora_B.weight.shape, generator=g) * 0.05)
+
+
+def tokens(n=12, vocab=320, seed=0):
+    return torch.randint(3, vocab, (2, n), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_every_linear_but_head_is_nf4_and_frozen(tiny_dirs, arch):
+    m = load_model(ModelConfig(name_or_path=tiny_dirs[arch]))
+    linears = [(n, mod) for n, mod in m.named_modules() if isinstance(mod, torch.nn.Linear)]
+    assert len(linears) == 2 * 7 + 1
+    for n, mod in linears:
+        if n == "lm_head":
+            assert not isinstance(mod, bnb.nn.Linear4bit) and mod.weight.dtype == torch.bfloat16
+        else:
+            assert isinstance(mod, bnb.nn.Linear4bit), n
+            qs = mod.weight.quant_state
+            assert (qs.quant_type, qs.blocksize, qs.nested, qs.dtype) == ("nf4", 64, True, torch.bfloat16)
+    assert m.get_input_embeddings().weight.dtype == torch.bfloat16
+    assert not any(p.requires_grad for p in m.parameters())
+
+
+def test_quantized_bytes_equal_bitsandbytes_quantize_4bit(tiny_llama):
+    m = load_model(ModelConfig(name_or_path=tiny_llama))
+    raw = load_file(f"{tiny_llama}/model.safetensors")
+    for name in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"):
+        w = raw[f"{name}.weight"].to(torch.bfloat16)
+        ref, ref_state = F.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4",
+                                         quant_storage=torch.uint8)
+        ours = m.get_submodule(name).weight
+        assert torch.equal(ours.data, ref), name
+        qs = ours.quant_state
+        assert torch.equal(qs.absmax, ref_state.absmax)
+        assert torch.equal(qs.state2.absmax, ref_state.state2.absmax)
+        assert torch.equal(qs.code, ref_state.code)
+        assert qs.offset.item() == ref_state.offset.item()
+
+
+def test_lora_layer_shapes_init_and_formula():
+    base = torch.nn.Linear(48, 80, bias=False, dtype=torch.bfloat16)
+    layer = LoRALinear(base, r=4, alpha=8)
+    assert layer.lora_A.weight.shape == (4, 48) and layer.lora_B.weight.shape == (80, 4)
+    assert layer.lora_A.weight.dtype == torch.bfloat16 and torch.count_nonzero(layer.lora_B.weight) == 0
+    assert layer.scale == 2.0 and LoRALinear(base, r=4, alpha=8, rslora=True).scale == 4.0
+    x = torch.randn(3, 48, dtype=torch.bfloat16)
+    assert torch.equal(layer(x), base(x))  # B = 0: starts as the base
+    with torch.no_grad():
+        layer.lora_B.weight.normal_()
+    want = x.float() @ merged_weight(base.weight, layer.lora_A.weight, layer.lora_B.weight, layer.scale).T
+    torch.testing.assert_close(layer(x).float(), want, atol=0.1, rtol=0.02)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_trainable_count_is_r_times_din_plus_dout(tiny_dirs, arch):
+    m = qlora_model(tiny_dirs[arch])
+    # hidden 64, kv dim 32, mlp 128; per layer q,o: 64+64; k,v: 64+32; gate,up,down: 64+128.
+    per_layer = 8 * (2 * 128 + 2 * 96 + 3 * 192)
+    n, total = count_parameters(m)
+    assert n == expected_lora_params(m) == 2 * per_layer
+    assert sum(p.numel() for p in lora_parameters(m)) == n
+    base_params = 320 * 64 * 2 + 2 * (64 * 64 * 2 + 64 * 32 * 2 + 3 * 64 * 128) + 64 * 5
+    bias = sum(mod.bias.numel() for mod in m.modules() if isinstance(mod, torch.nn.Linear) and mod.bias is not None)
+    assert total == n + base_params + bias
+    assert trainable_summary(m) == f"trainable {n:,} of {total:,} ({100 * n / total:.2f}%)"
+
+
+def test_target_list_and_unknown_target_error(tiny_llama):
+    m = load_model(ModelConfig(name_or_path=tiny_llama))
+    adapted = attach_lora(m, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    assert adapted == [f"model.layers.{i}.self_attn.{p}" for i in range(2) for p in ("q_proj", "v_proj")]
+    m2 = load_model(ModelConfig(name_or_path=tiny_llama))
+    with pytest.raises(QloraError) as e:
+        attach_lora(m2, LoraConfig(r=4, target_modules=["q_proj", "query"]))
+    msg = str(e.value)
+    assert "'query'" in msg and "down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj" in msg
+    assert "lm_head" not in msg
+
+
+def peft_model(path, lora: LoraConfig):
+    """The reference: transformers 4-bit model + peft LoRA, adapters cast to bf16 like ours."""
+    import peft
+    from transformers import AutoModelForCausalLM
+
+    from qlora_lite.model import bnb_config
+
+    base = AutoModelForCausalLM.from_pretrained(path, quantization_config=bnb_config(QuantizationConfig()),
+                                                device_map="cpu", dtype=torch.bfloat16)
+    pm = peft.get_peft_model(base, peft.LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=0.0,
+                                                   target_modules="all-linear", task_type="CAUSAL_LM"))
+    return pm
+
+
+def copy_ours_into_peft(ours, pm):
+    sd = pm.state_dict()
+    with torch.no_grad():
+        for name, m in lora_modules(ours).items():
+            for ab in ("lora_A", "lora_B"):
+                sd[f"base_model.model.{name}.{ab}.default.weight"].copy_(getattr(m, ab).weight)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_logits_match_peft_on_4bit_model(tiny_dirs, arch):
+    lora = LoraConfig(r=8, alpha=16, dropout=0.0)
+    ours = qlora_model(tiny_dirs[arch], lora=lora)
+    randomize_b(ours)
+    pm = peft_model(tiny_dirs[arch], lora)
+    copy_ours_into_peft(ours, pm)
+    x = tokens()
+    with torch.no_grad():
+        a, b = ours(x).logits.float(), pm(input_ids=x).logits.float()
+        base = pm.get_base_model()
+    # peft runs the adapter in fp32 (it upcasts adapter weights), we run it in bf16:
+    # a few bf16 ulps of the logits' scale is the expected gap.
+    diff = (a - b).abs().max().item()
+    assert diff < 2e-2 * a.abs().max().item(), diff
+    with pm.disable_adapter(), torch.no_grad():
+        assert (pm(input_ids=x).logits.float() - a).abs().max() > 10 * diff  # the adapter matters
+
+
+def test_one_step_changes_only_lora_and_base_bytes_hash_same(tiny_llama):
+    m = qlora_model(tiny_llama, gc=True)
+    randomize_b(m)  # with B = 0, A gets no gradient on the first step
+
+    def base_hash():
+        h = hashlib.sha256()
+        for n, p in m.named_parameters():
+            if not p.requires_grad:
+                h.update(n.encode()); h.update(p.data.contiguous().view(torch.uint8).numpy().tobytes())
+        for n, b in m.named_buffers():
+            h.update(b.contiguous().view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()
+    before = base_hash()
+    lora_before = {n: p.detach().clone() for n, p in m.named_parameters() if p.requires_grad}
+    opt = bnb.optim.PagedAdamW8bit(lora_parameters(m), lr=1e-2)
+    x = tokens()
+    loss = m(input_ids=x, labels=x).loss
+    loss.backward()
+    opt.step()
+    assert base_hash() == before
+    changed = [n for n, p in m.named_parameters() if p.requires_grad and not torch.equal(p, lora_before[n])]
+    assert changed and all(n.endswith(("lora_A.weight", "lora_B.weight")) for n in changed)
+    assert len(changed) == len(lora_before)
+
+
+def test_gradient_checkpointing_gives_same_lora_grads(tiny_llama):
+    grads = []
+    for gc in (False, True):
+        m = qlora_model(tiny_llama, gc=gc)
+        randomize_b(m)
+        m.train()
+        x = tokens()
+        m(input_ids=x, labels=x).loss.backward()
+        grads.append({n: p.grad.float() for n, p in m.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) == 28
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], atol=0, rtol=0, msg=n)
+
+
+def test_gradient_checkpointing_emits_no_warnings(tiny_llama, recwarn):
+    m = qlora_model(tiny_llama, gc=True)
+    m.train()
+    x = tokens()
+    m(input_ids=x, labels=x).loss.backward()
+    msgs = [str(w.message) for w in recwarn if "requires_grad" in str(w.message) or "checkpoint" in str(w.message)]
+    assert not msgs
+
+
+def test_bf16_lora_mode_wraps_plain_linear(tiny_llama):
+    m = qlora_model(tiny_llama, bits=16)
+    layer = m.get_submodule("model.layers.0.mlp.up_proj")
+    assert isinstance(layer, LoRALinear) and type(layer.base) is torch.nn.Linear
+    assert layer.base.weight.dtype == torch.bfloat16
