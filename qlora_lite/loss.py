@@ -1,0 +1,64 @@
+"""Cross-entropy from hidden states, in chunks: full fp32 logits are never materialised.
+
+For a 32k vocabulary and 2k tokens the plain loss holds B*T*V fp32 logits and their
+gradient (~0.5 GB per sequence); here only `chunk_size` rows of logits live at a time,
+and only for tokens that carry a label (the response tokens).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+IGNORE_INDEX = -100
+
+
+def _chunk_loss(h: torch.Tensor, weight: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    logits = (h @ weight.T).float()
+    return F.cross_entropy(logits, target, reduction="sum")
+
+
+def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                          chunk_size: int = 1024) -> tuple[torch.Tensor, int]:
+    """Summed next-token cross-entropy and the number of tokens it covers.
+
+    Args:
+        hidden (Tensor): [B, T, H] final hidden states.
+        weight (Tensor): [V, H] output embedding (lm_head) weight.
+        labels (Tensor): [B, T] token ids, IGNORE_INDEX where no loss; shifted here.
+        chunk_size (int): tokens per chunk; 0 computes all logits at once. Default 1024.
+
+    Returns:
+        (loss_sum, n_tokens): divide by the step's token count, not the micro-batch's, so
+        gradient accumulation weights every trained token equally.
+    """
+    h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+    target = labels[:, 1:].reshape(-1)
+    keep = target != IGNORE_INDEX
+    h, target = h[keep], target[keep]
+    n = int(target.numel())
+    if n == 0:
+        return hidden.sum() * 0.0, 0
+    if chunk_size <= 0 or n <= chunk_size:
+        return _chunk_loss(h, weight, target), n
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, n, chunk_size):
+        # Recompute each chunk's logits in backward rather than keeping them all alive.
+        total = total + checkpoint(_chunk_loss, h[start:start + chunk_size], weight,
+                                   target[start:start + chunk_size], use_reentrant=False)
+    return total, n
+
+
+def causal_lm_loss(model, batch: dict, chunk_size: int) -> tuple[torch.Tensor, int]:
+    """Run the decoder, then the chunked loss on its last hidden states.
+
+    Args:
+        model: a Hugging Face causal LM (LoRA-wrapped or not).
+        batch (dict): input_ids, labels, and optionally attention_mask / position_ids.
+        chunk_size (int): see `chunked_cross_entropy`.
+    """
+    inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")}
+    out = model.get_decoder()(**inputs, use_cache=False)
+    return chunked_cross_entropy(out.last_hidden_state, model.get_output_embeddings().weight,
+                                 batch["labels"], chunk_size)
