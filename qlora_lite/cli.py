@@ -39,5 +39,57 @@ def run(recipe, overrides, resume, demo):
     sys.exit(run_recipe(load_recipe(recipe, overrides), resume=resume, demo=demo))
 
 
+@main.command()
+@click.argument("source", type=click.Path(exists=True, file_okay=False))
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder (must not exist).")
+@click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32"]), default="bf16", show_default=True)
+@click.option("--base", type=click.Choice(["dequantized", "original"]), default="dequantized", show_default=True,
+              help="dequantized: the NF4 weights training saw; original: the checkpoint's full-precision weights.")
+@click.option("--max-shard-size", default="2GB", show_default=True, help="Largest safetensors shard.")
+@click.option("--verify", is_flag=True, help="Compare the export's logits with the 4-bit base + adapter.")
+@click.option("--model", "model", default=None, help="Base model, overriding the run's recipe / adapter_config.json.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out folder.")
+def export(source, out, dtype, base, max_shard_size, verify, model, overwrite):
+    """Merge the adapter of SOURCE (a run or adapter folder) into its base; write a HF model folder."""
+    from .export import export_model
+
+    info = export_model(source, out, dtype=dtype, base=base, max_shard_size=max_shard_size, model=model,
+                        verify=verify, overwrite=overwrite, log=lambda m: click.echo(m, err=True))
+    click.echo(f"exported {info['merged_modules']} merged modules, {info['shards']} shard(s), "
+               f"{info['total_bytes'] / 1e9:.3f} GB to {out} in {info['seconds']} s")
+    v = info.get("verify")
+    if v:
+        click.echo(f"verify: max |logit diff| {v['max_abs_logit_diff']:.4g}, mean {v['mean_abs_logit_diff']:.4g}, "
+                   f"argmax agreement {v['argmax_agreement']:.3f}, greedy tokens agree: {v['greedy_agree']}")
+
+
+@main.command()
+@click.argument("source")
+@click.option("--adapter", default=None, type=click.Path(exists=True, file_okay=False),
+              help="Adapter folder to apply on a 4-bit base.")
+@click.option("--prompt", default=None, help="One prompt; prints the answer.")
+@click.option("--chat", is_flag=True, help="Interactive: one message per stdin line, /exit or EOF ends.")
+@click.option("--max-new-tokens", default=128, show_default=True, type=click.IntRange(min=1))
+@click.option("--temperature", default=0.0, show_default=True, type=float, help="0 is greedy.")
+@click.option("--top-p", default=1.0, show_default=True, type=float)
+@click.option("--seed", default=None, type=int, help="Seeds sampling.")
+@click.option("--raw", is_flag=True, help="Feed --prompt as is, without the chat/Alpaca template.")
+@click.option("--device", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda", "auto"]))
+def generate(source, adapter, prompt, chat, max_new_tokens, temperature, top_p, seed, raw, device):
+    """Generate from SOURCE: a run folder, an adapter folder, or a model folder (e.g. an export)."""
+    from .errors import QloraError
+    from .generate import chat_loop, generate_text, load_for_generation
+
+    if (prompt is None) == (not chat):
+        raise QloraError("pass exactly one of --prompt TEXT or --chat.")
+    loaded = load_for_generation(source, adapter=adapter, device=device)
+    kwargs = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
+    if chat:
+        chat_loop(loaded, write=click.echo, **kwargs)
+    else:
+        click.echo(generate_text(loaded.model, loaded.tokenizer, prompt, chat_template=loaded.chat_template,
+                                 raw=raw, **kwargs))
+
+
 if __name__ == "__main__":
     main()

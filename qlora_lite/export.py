@@ -1,0 +1,425 @@
+"""Export: merge a LoRA adapter into its base and write a plain Hugging Face model folder.
+
+The merged weight is W + scale * B @ A computed in fp32 and cast once to the export dtype;
+it is never quantized again (the quality loss of `merge_and_unload` on a 4-bit model).
+W is either the NF4 weight dequantized by bitsandbytes (`base="dequantized"`, exactly what
+training saw) or the original checkpoint tensor (`base="original"`, read lazily from its
+safetensors). Tensors are produced and written one shard at a time, so peak memory is the
+NF4 model plus about two shards, and everything goes into a temporary folder that is renamed
+only when complete.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import re
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from .adapter import CONFIG_NAME, check_adapter_fits, read_adapter_config, read_adapter_weights
+from .errors import QloraError
+from .io import atomic_dir, atomic_write_json, atomic_write_text
+from .lora import merged_weight
+from .recipe import LoraConfig, ModelConfig, load_recipe
+
+EXPORT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+BASES = ("dequantized", "original")
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+# Decimal units like Hugging Face's `max_shard_size` ("2GB" = 2e9 bytes); binary with "iB".
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+VERIFY_PROMPTS = (
+    "The capital of France is",
+    "Write a short poem about the sea.",
+    "def fibonacci(n):",
+)
+VERIFY_NEW_TOKENS = 8  # enough to see greedy paths diverge, cheap on CPU
+
+
+@dataclass
+class ExportSource:
+    """What to merge: the base as training loaded it and the adapter folder.
+
+    Args:
+        model (ModelConfig): base model, revision and quantization used in training.
+        adapter_dir (Path): PEFT-format adapter folder.
+        kind (str): "run" (a run folder with recipe.yaml) or "adapter" (a bare adapter).
+        chat_template (str | None): the recipe's data.chat_template, None when unknown.
+    """
+
+    model: ModelConfig
+    adapter_dir: Path
+    kind: str
+    chat_template: str | None = None
+
+
+def resolve_source(path: str | Path, model: str | None = None) -> ExportSource:
+    """Read a run folder (recipe.yaml + adapter/) or a bare PEFT adapter folder.
+
+    Args:
+        path (str | Path): the run or adapter folder.
+        model (str | None): base model overriding the recipe / adapter_config.json. Default None.
+    """
+    p = Path(path)
+    if (p / "recipe.yaml").is_file():
+        recipe = load_recipe(p / "recipe.yaml")
+        adapter_dir = p / "adapter"
+        if not (adapter_dir / CONFIG_NAME).is_file():
+            raise QloraError(f"Run folder {str(p)!r} has no adapter/{CONFIG_NAME}: the run has not finished; "
+                             f"export a checkpoint instead, e.g. {str(p / 'checkpoints' / 'step-N' / 'adapter')!r} "
+                             "with --model.")
+        cfg = replace(recipe.model, gradient_checkpointing=False)
+        if model:
+            cfg = replace(cfg, name_or_path=model)
+        template = recipe.data.chat_template if recipe.data is not None else None
+        return ExportSource(cfg, adapter_dir, "run", template)
+    if (p / CONFIG_NAME).is_file():
+        _, raw = read_adapter_config(p)
+        name = model or raw.get("base_model_name_or_path")
+        if not name:
+            raise QloraError(f"{str(p / CONFIG_NAME)!r} names no base_model_name_or_path; pass --model BASE.")
+        # A bare adapter does not say how its base was quantized: assume the QLoRA defaults.
+        return ExportSource(ModelConfig(name_or_path=name, gradient_checkpointing=False), p, "adapter")
+    raise QloraError(f"{str(p)!r} is neither a run folder (recipe.yaml + adapter/) nor an adapter folder "
+                     f"({CONFIG_NAME} + adapter_model.safetensors).")
+
+
+def parse_size(text: str | int) -> int:
+    """Bytes from "2GB", "500MB", "1GiB" or an integer (decimal units as Hugging Face)."""
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(text))
+    unit = m.group(2).upper() if m else None
+    if m is None or unit not in _UNITS or float(m.group(1)) <= 0:
+        raise QloraError(f"--max-shard-size {text!r} is not a size; use e.g. 2GB, 500MB or 1GiB.")
+    return int(float(m.group(1)) * _UNITS[unit])
+
+
+def plan_shards(sizes: list[tuple[str, int]], max_bytes: int) -> list[list[str]]:
+    """Group keys in order into shards of at most `max_bytes` (a bigger tensor gets its own)."""
+    shards: list[list[str]] = [[]]
+    used = 0
+    for key, n in sizes:
+        if shards[-1] and used + n > max_bytes:
+            shards.append([])
+            used = 0
+        shards[-1].append(key)
+        used += n
+    return shards
+
+
+def shard_names(n: int) -> list[str]:
+    """Hugging Face file names: model.safetensors, or model-0000i-of-0000N.safetensors."""
+    if n == 1:
+        return [SINGLE_NAME]
+    return [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+
+
+def write_shard(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """One safetensors file (a module-level function so tests can make it fail)."""
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path), metadata={"format": "pt"})
+
+
+# ---------------------------------------------------------------- base tensors
+
+
+def state_keys(model) -> list[tuple[str, torch.Tensor]]:
+    """(checkpoint key, tensor) of parameters and persistent buffers, in module order.
+
+    Tied tensors appear once (under their first name), as Hugging Face saves them.
+    """
+    out, seen = [], set()
+    for mod_name, mod in model.named_modules():
+        prefix = f"{mod_name}." if mod_name else ""
+        for name, t in mod.named_parameters(recurse=False):
+            if id(t) not in seen:
+                seen.add(id(t))
+                out.append((prefix + name, t))
+        for name, t in mod.named_buffers(recurse=False):
+            if t is not None and name not in mod._non_persistent_buffers_set and id(t) not in seen:
+                seen.add(id(t))
+                out.append((prefix + name, t))
+    return out
+
+
+def logical_shape(t: torch.Tensor) -> torch.Size:
+    qs = getattr(t, "quant_state", None)
+    return qs.shape if qs is not None else t.shape
+
+
+def dequantized(t: torch.Tensor) -> torch.Tensor:
+    """The weight as training's forward saw it: bitsandbytes' dequantization for 4-bit."""
+    qs = getattr(t, "quant_state", None)
+    if qs is None:
+        return t.detach()
+    if getattr(qs, "packing_format_for_cpu", False):
+        raise QloraError("This 4-bit model has been repacked by bitsandbytes' CPU inference path (an eval "
+                         "forward ran on it), which rounds its scales; export from a freshly loaded model.")
+    import bitsandbytes.functional as F
+
+    return F.dequantize_4bit(t.data, qs)
+
+
+class CheckpointReader:
+    """Lazy access to the tensors of a safetensors checkpoint folder (single or sharded)."""
+
+    def __init__(self, folder: Path, stack: ExitStack):
+        from safetensors import safe_open
+
+        index = folder / INDEX_NAME
+        if index.is_file():
+            files = json.loads(index.read_text())["weight_map"]
+        elif (folder / SINGLE_NAME).is_file():
+            with safe_open(str(folder / SINGLE_NAME), "pt") as f:
+                files = {k: SINGLE_NAME for k in f.keys()}
+        else:
+            raise QloraError(f"--base original needs the base's safetensors files, none in {str(folder)!r}; "
+                             "use --base dequantized.")
+        self.files = files
+        self.handles = {name: stack.enter_context(safe_open(str(folder / name), "pt"))
+                        for name in sorted(set(files.values()))}
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.files
+
+    def get(self, key: str) -> torch.Tensor:
+        return self.handles[self.files[key]].get_tensor(key)
+
+
+def local_model_dir(cfg: ModelConfig, weights: bool) -> Path:
+    """The base model's local folder (Hub models from the local cache / download)."""
+    from .model import resolve_model_path
+
+    path = Path(resolve_model_path(cfg.name_or_path))
+    if path.is_dir():
+        return path
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.json", "*.model", "*.txt", "*.tiktoken"] + (["*.safetensors"] if weights else [])
+    return Path(snapshot_download(cfg.name_or_path, revision=cfg.revision, allow_patterns=patterns))
+
+
+def load_base(cfg: ModelConfig, base: str):
+    """The model whose state is exported: NF4 as in training, or an empty (meta) one for `original`."""
+    if base == "dequantized":
+        from .model import load_model
+
+        return load_model(cfg)
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(local_model_dir(cfg, False), trust_remote_code=cfg.trust_remote_code)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.trust_remote_code)
+
+
+# ---------------------------------------------------------------- export
+
+
+def export_model(source: str | Path, out: str | Path, dtype: str = "bf16", base: str = "dequantized",
+                 max_shard_size: str | int = "2GB", model: str | None = None, verify: bool = False,
+                 overwrite: bool = False, log=print) -> dict:
+    """Merge the adapter of a run (or a bare adapter) into its base; write a Hugging Face folder.
+
+    Args:
+        source (str | Path): run folder or PEFT adapter folder.
+        out (str | Path): output folder (must not exist unless `overwrite`).
+        dtype (str): "bf16", "fp16" or "fp32". Default "bf16".
+        base (str): "dequantized" (NF4 weights training saw) or "original" (checkpoint weights).
+            Default "dequantized".
+        max_shard_size (str | int): largest shard, e.g. "2GB". Default "2GB".
+        model (str | None): base model overriding the one the source names. Default None.
+        verify (bool): compare the export's logits with the 4-bit base + adapter. Default False.
+        overwrite (bool): replace an existing `out`. Default False.
+        log (callable): progress printer. Default print.
+
+    Returns:
+        dict: what EXPORT.md records (shards, bytes, merged modules, seconds, verify numbers).
+    """
+    if dtype not in EXPORT_DTYPES:
+        raise QloraError(f"--dtype {dtype!r} is not one of {', '.join(EXPORT_DTYPES)}.")
+    if base not in BASES:
+        raise QloraError(f"--base {base!r} is not one of {', '.join(BASES)}.")
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise QloraError(f"Output folder {str(out)!r} already exists; remove it or choose another --out.")
+    max_bytes = parse_size(max_shard_size)
+    src = resolve_source(source, model)
+    lora_cfg, _ = read_adapter_config(src.adapter_dir)
+    adapter = read_adapter_weights(src.adapter_dir)
+    out_dtype = EXPORT_DTYPES[dtype]
+    t0 = time.perf_counter()
+
+    base_model = load_base(src.model, base)
+    check_adapter_fits(base_model, adapter)
+    keys = state_keys(base_model)
+    _check_tied_head(base_model, adapter)
+    info = {"source": str(source), "kind": src.kind, "base_model": src.model.name_or_path,
+            "adapter": str(src.adapter_dir), "base": base, "dtype": dtype,
+            "merged_modules": len(adapter), "scale": lora_cfg.scale, "r": lora_cfg.r, "alpha": lora_cfg.alpha}
+
+    with ExitStack() as stack:
+        reader = None
+        if base == "original":
+            reader = CheckpointReader(local_model_dir(src.model, True), stack)
+            missing = [k for k, _ in keys if k not in reader]
+            if missing:
+                raise QloraError(f"Tensor {missing[0]!r} is not in the base checkpoint "
+                                 f"({len(missing)} missing); use --base dequantized.")
+        sizes = [(k, logical_shape(t).numel() * _out_dtype(t, out_dtype).itemsize) for k, t in keys]
+        plan = plan_shards(sizes, max_bytes)
+        names = shard_names(len(plan))
+        tensors = dict(keys)
+        with atomic_dir(out, overwrite=overwrite) as tmp:
+            weight_map = {}
+            for shard_keys, fname in zip(plan, names):
+                shard = {}
+                for key in shard_keys:
+                    t = tensors[key]
+                    w = reader.get(key) if reader is not None else dequantized(t)
+                    shard[key] = merge_tensor(key, w, adapter, lora_cfg, _out_dtype(t, out_dtype))
+                    del w
+                write_shard(shard, tmp / fname)
+                weight_map.update({k: fname for k in shard_keys})
+                log(f"wrote {fname} ({len(shard_keys)} tensors)")
+                del shard
+            total = sum(n for _, n in sizes)
+            if len(names) > 1:
+                atomic_write_json(tmp / INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": weight_map})
+            del tensors, keys, base_model
+            write_metadata(tmp, src, out_dtype)
+            info.update(shards=len(names), total_bytes=total, seconds=round(time.perf_counter() - t0, 1),
+                        date=datetime.datetime.now().isoformat(timespec="seconds"))
+            if verify:
+                info["verify"] = verify_export(tmp, src)
+            atomic_write_text(tmp / "EXPORT.md", export_card(info))
+    return info
+
+
+def _out_dtype(t: torch.Tensor, out_dtype: torch.dtype) -> torch.dtype:
+    qs = getattr(t, "quant_state", None)
+    return out_dtype if qs is not None or t.is_floating_point() else t.dtype
+
+
+def _check_tied_head(model, adapter: dict) -> None:
+    head = model.get_output_embeddings()
+    if head is not None and head.weight is model.get_input_embeddings().weight:
+        for name in adapter:
+            if model.get_submodule(name) is head:
+                raise QloraError(f"Adapter module {name!r} is the output head, which is tied to the input "
+                                 "embeddings; merging it would untie them. Retrain without it in target_modules.")
+
+
+def merge_tensor(key: str, w: torch.Tensor, adapter: dict, lora_cfg: LoraConfig, dtype: torch.dtype) -> torch.Tensor:
+    """The export tensor for `key`: merged in fp32 when an adapter targets it, then cast once."""
+    module = key[: -len(".weight")] if key.endswith(".weight") else None
+    ab = adapter.get(module)
+    if ab is None:
+        return w.to(dtype).contiguous()
+    return merged_weight(w, ab["lora_A"], ab["lora_B"], lora_cfg.scale).to(dtype).contiguous()
+
+
+def write_metadata(folder: Path, src: ExportSource, dtype: torch.dtype) -> None:
+    """config.json (no quantization_config, the export dtype), generation_config.json, tokenizer."""
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
+    cfg = src.model
+    local = local_model_dir(cfg, False)
+    config = AutoConfig.from_pretrained(local, trust_remote_code=cfg.trust_remote_code)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # a pre-quantized base names one; the export is not quantized
+    config.dtype = dtype
+    config.use_cache = True
+    config.save_pretrained(folder)
+    try:
+        gen = GenerationConfig.from_pretrained(local)
+    except OSError:
+        gen = GenerationConfig.from_model_config(config)
+    gen.save_pretrained(folder)
+    try:
+        tok = AutoTokenizer.from_pretrained(local, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError, TypeError):
+        return  # a base without tokenizer files (tests' bare models): nothing to copy
+    if src.chat_template and src.chat_template != "alpaca":
+        tok.chat_template = src.chat_template  # the template training used travels with the model
+    tok.save_pretrained(folder)
+
+
+def export_card(info: dict) -> str:
+    """EXPORT.md: where the weights came from and how they were made."""
+    mode = ("NF4 weights dequantized by bitsandbytes (exactly what training saw)" if info["base"] == "dequantized"
+            else "original checkpoint weights (the adapter was trained against their NF4 rounding)")
+    lines = [
+        "# Merged export (qlora-lite)", "",
+        f"- base model: `{info['base_model']}`",
+        f"- adapter: `{info['adapter']}` ({info['kind']}; r={info['r']}, alpha={info['alpha']:g}, "
+        f"scale={info['scale']:g}, {info['merged_modules']} modules merged)",
+        f"- base weights: {info['base']} - {mode}",
+        f"- merge: W + scale * B @ A in fp32, cast once to {info['dtype']}; never re-quantized",
+        f"- shards: {info['shards']}, {info['total_bytes'] / 1e9:.3f} GB",
+        f"- date: {info['date']} ({info['seconds']} s)",
+    ]
+    v = info.get("verify")
+    if v:
+        lines += ["", "## Verify (export vs 4-bit base + adapter)", "",
+                  f"- max |logit diff|: {v['max_abs_logit_diff']:.4g}, mean: {v['mean_abs_logit_diff']:.4g}",
+                  f"- argmax agreement: {v['argmax_agreement']:.3f}; greedy tokens agree: {v['greedy_agree']}"]
+    lines += ["", "Load with `AutoModelForCausalLM.from_pretrained(<this folder>)`; no bitsandbytes needed.", ""]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- verify
+
+
+def verify_export(export_dir: str | Path, src: ExportSource, prompts=VERIFY_PROMPTS,
+                  new_tokens: int = VERIFY_NEW_TOKENS) -> dict:
+    """Logit differences and greedy agreement: plain-transformers export vs 4-bit base + adapter.
+
+    Args:
+        export_dir (str | Path): the exported folder.
+        src (ExportSource): the base and adapter it came from.
+        prompts (tuple[str]): prompts to compare on. Default VERIFY_PROMPTS.
+        new_tokens (int): greedy tokens generated per prompt. Default VERIFY_NEW_TOKENS.
+    """
+    from transformers import AutoModelForCausalLM
+
+    from .adapter import load_adapter
+    from .generate import disable_cpu_weight_packing, greedy_ids
+    from .model import load_model
+
+    exported = AutoModelForCausalLM.from_pretrained(str(export_dir), dtype="auto").eval()
+    ref = load_model(replace(src.model, gradient_checkpointing=False))
+    disable_cpu_weight_packing(ref)  # compare with the weights training used, not a CPU repacking
+    load_adapter(ref, src.adapter_dir)
+    ref.eval()
+    diffs, agree, greedy_ok, n_pos = [], 0, True, 0
+    for ids in _verify_inputs(export_dir, exported.config.vocab_size, prompts):
+        with torch.no_grad():
+            a = exported(input_ids=ids).logits.float()
+            b = ref(input_ids=ids).logits.float()
+        diffs.append((a - b).abs().flatten())
+        agree += int((a.argmax(-1) == b.argmax(-1)).sum())
+        n_pos += ids.shape[1]
+        greedy_ok &= torch.equal(greedy_ids(exported, ids, new_tokens), greedy_ids(ref, ids, new_tokens))
+    d = torch.cat(diffs)
+    return {"max_abs_logit_diff": d.max().item(), "mean_abs_logit_diff": d.mean().item(),
+            "argmax_agreement": agree / n_pos, "greedy_agree": bool(greedy_ok), "prompts": len(prompts)}
+
+
+def _verify_inputs(export_dir, vocab_size: int, prompts) -> list[torch.Tensor]:
+    """Tokenized prompts, or seeded random ids when the model has no tokenizer."""
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(export_dir))
+    except (OSError, ValueError, TypeError):
+        g = torch.Generator().manual_seed(0)
+        return [torch.randint(3, vocab_size, (1, 12), generator=g) for _ in prompts]
+    return [tok(p, return_tensors="pt")["input_ids"] for p in prompts]
