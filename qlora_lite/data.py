@@ -1,0 +1,406 @@
+"""SFT data: read rows, detect the format, render prompts, tokenize with label masks, cache.
+
+Public API (batching for the loop is in qlora_lite/batching.py):
+
+    train, eval, summary = build_datasets(cfg: DataConfig, tokenizer, seed: int, cache_dir: str | None)
+        train, eval: lists of samples {"input_ids": list[int], "labels": list[int]}; labels are
+        -100 (IGNORE_INDEX) where no loss is taken. eval is [] without a held-out split.
+        summary: DataSummary; `print(summary.format())` before training.
+    prompt_ids(tokenizer, instruction, input="", chat_template=None) -> list[int]
+        the token ids of a prompt exactly as training renders it, for generation.
+
+Formats (`data.format`, "auto" picks from the columns):
+    alpaca      instruction, input (optional), output [, system]
+    sharegpt    conversations: [{from: human|gpt|system, value}], multi-turn
+    messages    messages: [{role: user|assistant|system, content}], multi-turn
+    completion  one text column (`data.text_field`), trained whole
+
+Every assistant turn is trained (`train_on: responses`); prompt tokens get -100. Masks come
+from one tokenization of the whole rendered text plus the character spans of the responses
+(offsets), so input_ids are exactly what the chat template renders.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import QloraError
+from .sources import load_rows
+
+IGNORE_INDEX = -100
+CACHE_VERSION = 1  # bump when rendering or tokenizing changes, so old caches are not reused
+ROLES = {
+    "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+    "model": "assistant", "chatgpt": "assistant", "system": "system",
+}
+
+ALPACA_PREAMBLE = (
+    "Below is an instruction that describes a task. "
+    "Write a response that appropriately completes the request."
+)
+ALPACA_PREAMBLE_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further "
+    "context. Write a response that appropriately completes the request."
+)
+
+
+def alpaca_prompt(instruction: str, input: str = "", system: str | None = None) -> str:
+    """The Stanford Alpaca prompt (with or without input), ending in '### Response:\\n'."""
+    preamble = system or (ALPACA_PREAMBLE_INPUT if input else ALPACA_PREAMBLE)
+    text = f"{preamble}\n\n### Instruction:\n{instruction}\n\n"
+    if input:
+        text += f"### Input:\n{input}\n\n"
+    return text + "### Response:\n"
+
+
+# ---------------------------------------------------------------- formats
+
+
+def detect_format(columns, text_field: str = "text") -> str:
+    """Pick the data format from the column names; QloraError lists them when nothing fits."""
+    cols = set(columns)
+    if "conversations" in cols:
+        return "sharegpt"
+    if "messages" in cols:
+        return "messages"
+    if {"instruction", "output"} <= cols:
+        return "alpaca"
+    if text_field in cols:
+        return "completion"
+    raise QloraError(
+        f"cannot detect the data format from columns {sorted(cols)}: expected instruction+output (alpaca), "
+        f"conversations (sharegpt), messages, or {text_field!r} (completion). Set data.format, "
+        "or data.text_field for plain text."
+    )
+
+
+def to_messages(row: dict, fmt: str, where: str, text_field: str = "text") -> list[dict] | str:
+    """Normalise one row to [{role, content}] (alpaca user turns keep `input`); completion -> str."""
+    def need(key):
+        if row.get(key) is None:
+            raise QloraError(f"{where}: {fmt} row has no {key!r} field (fields: {sorted(row)}).")
+        return row[key]
+
+    if fmt == "completion":
+        text = need(text_field)
+        if not isinstance(text, str):
+            raise QloraError(f"{where}: {text_field!r} must be a string, got {type(text).__name__}.")
+        return text
+    if fmt == "alpaca":
+        msgs = [{"role": "system", "content": str(row["system"])}] if row.get("system") else []
+        user = {"role": "user", "content": str(need("instruction")), "input": str(row.get("input") or "")}
+        return msgs + [user, {"role": "assistant", "content": str(need("output"))}]
+    turns = need("conversations" if fmt == "sharegpt" else "messages")
+    if not isinstance(turns, list) or not turns:
+        raise QloraError(f"{where}: expected a non-empty list of turns, got {turns!r:.80}.")
+    msgs = []
+    for t in turns:
+        role = t.get("from", t.get("role")) if isinstance(t, dict) else None
+        content = t.get("value", t.get("content")) if isinstance(t, dict) else None
+        if role not in ROLES or not isinstance(content, str):
+            raise QloraError(
+                f"{where}: turn {t!r:.80} needs a role ({', '.join(sorted(ROLES))}) and a string text."
+            )
+        msgs.append({"role": ROLES[role], "content": content})
+    return msgs
+
+
+# ---------------------------------------------------------------- templates
+
+
+def resolve_template(chat_template: str | None, tokenizer) -> str:
+    """"alpaca" or the Jinja chat template to render with (recipe's, else the tokenizer's)."""
+    if chat_template:
+        return chat_template
+    own = getattr(tokenizer, "chat_template", None)
+    if isinstance(own, dict):  # several named templates: the default one is for chat
+        own = own.get("default") or next(iter(own.values()), None)
+    return own or "alpaca"
+
+
+def render_alpaca(msgs: list[dict], eos: str) -> tuple[str, list[tuple[int, int]]]:
+    """Alpaca-format text for a conversation and the character spans of the responses (EOS included)."""
+    system = msgs[0]["content"] if msgs and msgs[0]["role"] == "system" else None
+    text, spans, first, open_prompt = "", [], True, False
+    for m in msgs:
+        if m["role"] == "user":
+            if first:
+                text += alpaca_prompt(m["content"], m.get("input", ""), system)
+            else:
+                text += f"\n\n### Instruction:\n{m['content']}\n\n"
+                text += f"### Input:\n{m['input']}\n\n" if m.get("input") else ""
+                text += "### Response:\n"
+            first, open_prompt = False, True
+        elif m["role"] == "assistant":
+            if not open_prompt:
+                text += ("\n\n" if text else "") + "### Response:\n"
+            start = len(text)
+            text += m["content"] + eos
+            spans.append((start, len(text)))
+            first, open_prompt = False, False
+    return text, spans
+
+
+def render_chat(msgs: list[dict], tokenizer, template: str) -> tuple[str, list[tuple[int, int]]]:
+    """Chat-template text and the character spans of the assistant turns.
+
+    Each span is what the template adds between "prefix + generation prompt" and "prefix +
+    this turn", so the end-of-turn marker is trained too; templates that rewrite earlier turns
+    fall back to finding each response's text.
+    """
+    msgs = [_chat_message(m) for m in msgs]
+
+    def render(part, gen):
+        return tokenizer.apply_chat_template(part, chat_template=template, tokenize=False, add_generation_prompt=gen)
+
+    full = render(msgs, False)
+    spans, cursor = [], 0
+    for i, m in enumerate(msgs):
+        if m["role"] != "assistant":
+            continue
+        prefix = render(msgs[:i], True) if i else ""
+        upto = render(msgs[: i + 1], False)
+        if full.startswith(upto) and upto.startswith(prefix) and len(prefix) >= cursor:
+            spans.append((len(prefix), len(upto)))
+        else:
+            start = full.find(m["content"], cursor)
+            if start < 0:
+                raise QloraError("the chat template does not reproduce an assistant turn's text; set data.chat_template.")
+            spans.append((start, start + len(m["content"])))
+        cursor = spans[-1][1]
+    return full, spans
+
+
+def _chat_message(m: dict) -> dict:
+    content = m["content"] + (f"\n\n{m['input']}" if m.get("input") else "")
+    return {"role": m["role"], "content": content}
+
+
+def prompt_ids(tokenizer, instruction: str, input: str = "", chat_template: str | None = None) -> list[int]:
+    """Token ids of a one-turn prompt rendered as in training, ready for `generate`.
+
+    Args:
+        tokenizer: a Hugging Face tokenizer.
+        instruction (str): the user's request.
+        input (str): Alpaca context. Default "".
+        chat_template (str | None): as `data.chat_template`. Default None.
+    """
+    template = resolve_template(chat_template, tokenizer)
+    user = {"role": "user", "content": instruction, "input": input}
+    if template == "alpaca":
+        bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+        return bos + tokenizer(alpaca_prompt(instruction, input), add_special_tokens=False)["input_ids"]
+    text = tokenizer.apply_chat_template([_chat_message(user)], chat_template=template, tokenize=False, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+# ---------------------------------------------------------------- tokenizing
+
+
+def tokenize_rows(rows, fmt, tokenizer, template, train_on, max_seq_len, text_field, where):
+    """Render and tokenize rows; return (samples, {"truncated": n, "dropped": n})."""
+    if tokenizer.eos_token is None:
+        raise QloraError("the tokenizer has no eos_token; set one so responses can end.")
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    texts, spans, prefixes = [], [], []
+    for i, row in enumerate(rows):
+        msgs = to_messages(row, fmt, f"{where} row {i}", text_field)
+        try:
+            if fmt == "completion":
+                text = msgs + tokenizer.eos_token
+                texts.append(text), spans.append([(0, len(text))]), prefixes.append(bos)
+            elif template == "alpaca":
+                text, sp = render_alpaca(msgs, tokenizer.eos_token)
+                texts.append(text), spans.append(sp), prefixes.append(bos)
+            else:
+                text, sp = render_chat(msgs, tokenizer, template)
+                texts.append(text), spans.append(sp), prefixes.append([])
+        except QloraError as e:
+            raise QloraError(f"{where} row {i}: {e}") from None
+        except Exception as e:  # Jinja errors from the chat template (e.g. roles must alternate)
+            raise QloraError(f"{where} row {i}: the chat template failed: {e}") from None
+    samples, counts = [], {"truncated": 0, "dropped": 0}
+    for start in range(0, len(texts), 1000):
+        chunk = slice(start, start + 1000)
+        enc = tokenizer(texts[chunk], add_special_tokens=False, return_offsets_mapping=True)
+        for ids, offsets, sp, pre in zip(enc["input_ids"], enc["offset_mapping"], spans[chunk], prefixes[chunk]):
+            trained = [False] * len(pre) + _in_spans(offsets, sp)
+            ids = pre + list(ids)
+            labels = [t if (k or train_on == "all") else IGNORE_INDEX for t, k in zip(ids, trained)]
+            if len(ids) > max_seq_len:
+                ids, labels = ids[:max_seq_len], labels[:max_seq_len]
+                counts["truncated"] += 1
+            if all(label == IGNORE_INDEX for label in labels):
+                counts["dropped"] += 1
+                continue
+            samples.append({"input_ids": ids, "labels": labels})
+    return samples, counts
+
+
+def _in_spans(offsets, spans) -> list[bool]:
+    # A token is trained when any of its characters is in a response span: a BPE token
+    # such as " Paris" starts on the prompt's space but is produced by the response.
+    out, j = [], 0
+    for start, end in offsets:
+        while j < len(spans) and spans[j][1] <= start:
+            j += 1
+        out.append(j < len(spans) and start < spans[j][1] and max(end, start + 1) > spans[j][0])
+    return out
+
+
+# ---------------------------------------------------------------- summary, cache, build
+
+
+@dataclass
+class DataSummary:
+    """What the run trains on, printed before training.
+
+    Args:
+        source (str): data.path. data_format (str): the format used. template (str): "alpaca",
+        "chat template" or "none". rows (int): rows read (train file, after max_samples).
+        train_samples, eval_samples (int): samples kept. tokens (int): train tokens.
+        trained_tokens (int): train tokens with a loss. truncated, dropped (int): samples cut
+        to max_seq_len / removed for having no trained token (all files). longest (int):
+        longest train sample. max_seq_len (int). from_cache (bool): tokenized data was reused.
+    """
+
+    source: str
+    data_format: str
+    template: str
+    rows: int
+    train_samples: int
+    eval_samples: int
+    tokens: int
+    trained_tokens: int
+    truncated: int
+    dropped: int
+    longest: int
+    max_seq_len: int
+    from_cache: bool
+
+    @property
+    def trained_share(self) -> float:
+        return self.trained_tokens / self.tokens if self.tokens else 0.0
+
+    def format(self) -> str:
+        """A short table for the console."""
+        cut = f"{self.truncated} (> {self.max_seq_len} tokens)"
+        lines = [
+            ("data", f"{self.source} [{self.data_format}, {self.template}{', cached' if self.from_cache else ''}]"),
+            ("rows read", f"{self.rows}"),
+            ("samples", f"{self.train_samples} train, {self.eval_samples} eval"),
+            ("tokens", f"{self.tokens} train, {self.trained_share:.1%} trained, longest {self.longest}"),
+            ("truncated", cut),
+            ("dropped", f"{self.dropped} (no response token left)"),
+        ]
+        return "\n".join(f"{k:<10} {v}" for k, v in lines)
+
+
+def build_datasets(cfg, tokenizer, seed: int, cache_dir: str | os.PathLike | None = None):
+    """Tokenized train and eval samples plus a DataSummary.
+
+    Args:
+        cfg (DataConfig): the recipe's data section.
+        tokenizer: a Hugging Face tokenizer (fast, for offsets).
+        seed (int): seeds the eval split.
+        cache_dir (str | PathLike | None): where tokenized files are cached; None disables.
+    """
+    template = "alpaca" if cfg.chat_template == "alpaca" else resolve_template(cfg.chat_template, tokenizer)
+    samples, meta, cached = _load_tokenized(cfg, cfg.path, tokenizer, template, cache_dir)
+    dropped, truncated = meta["dropped"], meta["truncated"]
+    if cfg.eval_path:
+        eval_samples, eval_meta, eval_cached = _load_tokenized(cfg, cfg.eval_path, tokenizer, template, cache_dir)
+        dropped, truncated = dropped + eval_meta["dropped"], truncated + eval_meta["truncated"]
+        train, cached = samples, cached and eval_cached
+    else:
+        train, eval_samples = split_eval(samples, cfg.eval_split, seed)
+    if not train:
+        raise QloraError(
+            f"data {cfg.path!r}: no training samples left ({meta['rows']} rows, {dropped} dropped for having "
+            f"no response token within data.max_seq_len={cfg.max_seq_len}); raise max_seq_len or check the data."
+        )
+    tokens = sum(len(s["input_ids"]) for s in train)
+    trained = sum(sum(t != IGNORE_INDEX for t in s["labels"]) for s in train)
+    summary = DataSummary(
+        source=cfg.path, data_format=meta["format"],
+        template="none" if meta["format"] == "completion" else "alpaca" if template == "alpaca" else "chat template",
+        rows=meta["rows"], train_samples=len(train), eval_samples=len(eval_samples), tokens=tokens,
+        trained_tokens=trained, truncated=truncated, dropped=dropped,
+        longest=max(len(s["input_ids"]) for s in train), max_seq_len=cfg.max_seq_len, from_cache=cached,
+    )
+    return train, eval_samples, summary
+
+
+def split_eval(samples: list, fraction: float, seed: int) -> tuple[list, list]:
+    """Hold out round(fraction * n) samples (at least 1 when fraction > 0), chosen by a seeded shuffle."""
+    if fraction <= 0 or len(samples) < 2:
+        return samples, []
+    n_eval = min(len(samples) - 1, max(1, round(len(samples) * fraction)))
+    order = list(range(len(samples)))
+    random.Random(seed).shuffle(order)
+    held = set(order[:n_eval])
+    return [s for i, s in enumerate(samples) if i not in held], [samples[i] for i in sorted(held)]
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A hash of what decides token ids: the vocabulary/merges, special tokens and chat template."""
+    h = hashlib.sha256(type(tokenizer).__name__.encode())
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    h.update(backend.to_str().encode() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True).encode())
+    h.update(json.dumps([str(tokenizer.bos_token), str(tokenizer.eos_token), str(tokenizer.chat_template)]).encode())
+    return h.hexdigest()
+
+
+def _load_tokenized(cfg, path, tokenizer, template, cache_dir):
+    """(samples, meta, from_cache) for one data file, from the cache when its key matches."""
+    rows, ident = load_rows(path, cfg.split)
+    if cfg.max_samples is not None:
+        rows = rows[: cfg.max_samples]
+    key = {
+        "version": CACHE_VERSION, "source": ident, "tokenizer": tokenizer_fingerprint(tokenizer),
+        "format": cfg.format, "template": template, "train_on": cfg.train_on, "max_seq_len": cfg.max_seq_len,
+        "max_samples": cfg.max_samples, "text_field": cfg.text_field,
+    }
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+    file = Path(cache_dir) / f"{Path(path).stem}-{digest}.safetensors" if cache_dir else None
+    if file is not None and file.is_file():
+        return (*_read_cache(file), True)
+    if not rows:
+        raise QloraError(f"data {path!r} has no rows.")
+    fmt = detect_format(rows[0].keys(), cfg.text_field) if cfg.format == "auto" else cfg.format
+    samples, counts = tokenize_rows(rows, fmt, tokenizer, template, cfg.train_on, cfg.max_seq_len, cfg.text_field, path)
+    meta = {"rows": len(rows), "format": fmt, **counts}
+    if file is not None:
+        _write_cache(file, samples, meta)
+    return samples, meta, False
+
+
+def _write_cache(file: Path, samples: list[dict], meta: dict) -> None:
+    import torch
+    from safetensors.torch import save
+
+    from .io import atomic_write_bytes
+
+    lengths = torch.tensor([0] + [len(s["input_ids"]) for s in samples], dtype=torch.int64)
+    tensors = {
+        "input_ids": torch.tensor([t for s in samples for t in s["input_ids"]], dtype=torch.int32),
+        "labels": torch.tensor([t for s in samples for t in s["labels"]], dtype=torch.int32),
+        "offsets": lengths.cumsum(0),
+    }
+    atomic_write_bytes(file, save(tensors, metadata={"meta": json.dumps(meta)}))
+
+
+def _read_cache(file: Path) -> tuple[list[dict], dict]:
+    from safetensors import safe_open
+
+    with safe_open(str(file), framework="pt") as f:
+        meta = json.loads(f.metadata()["meta"])
+        ids, labels = f.get_tensor("input_ids").tolist(), f.get_tensor("labels").tolist()
+        offsets = f.get_tensor("offsets").tolist()
+    samples = [{"input_ids": ids[a:b], "labels": labels[a:b]} for a, b in zip(offsets, offsets[1:])]
+    return samples, meta

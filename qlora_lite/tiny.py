@@ -1,0 +1,230 @@
+"""Tiny demo models built locally: random-init Llama/Mistral/Qwen2 plus a byte-level BPE tokenizer.
+
+Nothing is downloaded. `build_tiny_model` writes a Hugging Face folder (safetensors, config,
+tokenizer) that `AutoModelForCausalLM.from_pretrained` and `AutoTokenizer.from_pretrained`
+read, in about a second. The same arguments give the same bytes: the weights come from a
+seeded init and the tokenizer is trained on `demo_rows()`, which is itself seeded.
+
+The demo data set (recipes/data/tiny-instructions.jsonl, written by tools/make_demo_data.py)
+is `demo_rows()`: Alpaca rows over small fixed lookup tables (capitals, colours, opposites,
+capitals letters, sums, word reversal) so that adapters on a frozen random base visibly learn
+it in a couple of CPU minutes.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+BOS, EOS, PAD = "<s>", "</s>", "<pad>"
+ROLE_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>"]
+
+# A minimal chat template for tests of the messages/sharegpt path: each turn is
+# "<|role|>\ncontent\n", assistant turns end with EOS (the model learns to stop there).
+# Newlines are Jinja expressions because HF renders with trim_blocks, which eats a
+# literal newline after a block tag.
+TINY_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{{ '<|' + m['role'] + '|>\\n' + m['content'] }}"
+    "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}{{ '\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
+)
+
+ARCHS = ("llama", "mistral", "qwen2")
+
+
+def build_tiny_model(
+    out_dir: str | os.PathLike,
+    arch: str = "llama",
+    hidden_size: int = 256,
+    num_layers: int = 4,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    intermediate_size: int = 512,
+    vocab_size: int = 1024,
+    max_position_embeddings: int = 1024,
+    initializer_range: float = 0.05,
+    chat_template: bool | str = False,
+    seed: int = 0,
+    overwrite: bool = True,
+) -> str:
+    """Write a random-init tiny causal LM and its tokenizer to `out_dir`; return the path.
+
+    Args:
+        out_dir (str | PathLike): the folder to write (written atomically).
+        arch (str): "llama", "mistral" or "qwen2". Default "llama".
+        hidden_size (int): model width. Default 256.
+        num_layers (int): decoder layers. Default 4.
+        num_heads (int): attention heads. Default 4.
+        num_kv_heads (int): key/value heads (GQA when < num_heads). Default 2.
+        intermediate_size (int): MLP width. Default 512.
+        vocab_size (int): BPE vocabulary size to train (specials included). Default 1024.
+        max_position_embeddings (int): longest sequence. Default 1024.
+        initializer_range (float): init std. Larger than HF's 0.02 on purpose: the frozen
+            random lm_head bounds the logits a LoRA-only model can reach, and at 0.02 the
+            loss cannot fall below ~2. Default 0.05.
+        chat_template (bool | str): False for none (the Alpaca template is used), True for
+            `TINY_CHAT_TEMPLATE`, or a Jinja string. Default False.
+        seed (int): seeds the weights. Default 0.
+        overwrite (bool): replace an existing folder. Default True.
+    """
+    import torch
+    import transformers
+
+    from .io import atomic_dir
+
+    if arch not in ARCHS:
+        from .errors import QloraError
+
+        raise QloraError(f"tiny model arch {arch!r} is not one of {', '.join(ARCHS)}.")
+    out = Path(out_dir)
+    if out.exists() and not overwrite:
+        return str(out)
+    tokenizer = build_tiny_tokenizer(vocab_size)
+    if chat_template:
+        tokenizer.chat_template = TINY_CHAT_TEMPLATE if chat_template is True else chat_template
+    common = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        max_position_embeddings=max_position_embeddings,
+        initializer_range=initializer_range,
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    if arch == "llama":
+        config, cls = transformers.LlamaConfig(**common), transformers.LlamaForCausalLM
+    elif arch == "mistral":
+        config, cls = transformers.MistralConfig(sliding_window=None, **common), transformers.MistralForCausalLM
+    else:
+        config, cls = transformers.Qwen2Config(use_sliding_window=False, **common), transformers.Qwen2ForCausalLM
+    # Seed a private generator state so building a model never disturbs the caller's RNG.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = cls(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    with atomic_dir(out, overwrite=True) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    return str(out)
+
+
+def build_tiny_llama(out_dir: str | os.PathLike, **kwargs) -> str:
+    """`build_tiny_model(out_dir, arch="llama", **kwargs)`: the demo base model."""
+    return build_tiny_model(out_dir, arch="llama", **kwargs)
+
+
+def build_tiny_tokenizer(vocab_size: int = 1024):
+    """Train a byte-level BPE on the demo corpus; return a `PreTrainedTokenizerFast`.
+
+    Byte-level means every string round-trips, not only the demo text. BOS is added by the
+    post-processor like Llama's (the data pipeline tokenizes with add_special_tokens=False).
+
+    Args:
+        vocab_size (int): vocabulary size including special tokens. Default 1024.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = [PAD, BOS, EOS, *ROLE_TOKENS]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_tokenizer_corpus(), trainer=trainer)
+    bos_id = tok.token_to_id(BOS)
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, bos_id)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=PAD,
+        additional_special_tokens=ROLE_TOKENS,
+        model_max_length=1024,
+    )
+
+
+def _tokenizer_corpus() -> list[str]:
+    from .data import alpaca_prompt
+
+    rows = demo_rows()
+    return [alpaca_prompt(r["instruction"], r["input"]) + r["output"] for r in rows]
+
+
+# ---------------------------------------------------------------- demo data
+
+CAPITALS = {
+    "France": "Paris", "Spain": "Madrid", "Italy": "Rome", "Germany": "Berlin", "Japan": "Tokyo",
+    "Egypt": "Cairo", "Peru": "Lima", "Kenya": "Nairobi", "Canada": "Ottawa", "Norway": "Oslo",
+    "Greece": "Athens", "Chile": "Santiago", "Cuba": "Havana", "Poland": "Warsaw", "Ireland": "Dublin",
+    "Austria": "Vienna",
+}
+COLOURS = {
+    "a banana": "yellow", "a lemon": "yellow", "an apple": "red", "a cherry": "red", "a lime": "green",
+    "a kiwi": "green", "a plum": "purple", "a grape": "purple", "an orange": "orange", "a coconut": "brown",
+    "a blueberry": "blue", "snow": "white", "coal": "black",
+}
+OPPOSITES = {
+    "hot": "cold", "big": "small", "up": "down", "fast": "slow", "happy": "sad", "early": "late",
+    "open": "closed", "light": "dark", "old": "new", "rich": "poor", "high": "low", "full": "empty",
+    "hard": "soft", "wet": "dry", "loud": "quiet", "strong": "weak",
+}
+WORDS = ["cat", "dog", "sun", "tree", "bird", "fish", "moon", "star", "rain", "book", "milk", "rock"]
+
+
+def demo_rows(n: int = 1200, seed: int = 0) -> list[dict]:
+    """Alpaca rows ({instruction, input, output}) of the demo tasks, deterministic in `seed`.
+
+    Args:
+        n (int): rows. Default 1200.
+        seed (int): the generator seed. Default 0.
+    """
+    rng = random.Random(seed)
+    tasks = [_capital, _colour, _opposite, _shout, _sum, _reverse]
+    return [tasks[i % len(tasks)](rng) for i in range(n)]
+
+
+def _row(instruction: str, output: str, input: str = "") -> dict:
+    return {"instruction": instruction, "input": input, "output": output}
+
+
+def _capital(rng):
+    country = rng.choice(sorted(CAPITALS))
+    return _row(f"What is the capital of {country}?", f"The capital of {country} is {CAPITALS[country]}.")
+
+
+def _colour(rng):
+    thing = rng.choice(sorted(COLOURS))
+    return _row(f"What colour is {thing}?", f"{thing[0].upper()}{thing[1:]} is {COLOURS[thing]}.")
+
+
+def _opposite(rng):
+    word = rng.choice(sorted(OPPOSITES))
+    return _row("Give the opposite of the word.", OPPOSITES[word], input=word)
+
+
+def _shout(rng):
+    word = rng.choice(WORDS)
+    return _row("Write the word in capital letters.", word.upper(), input=word)
+
+
+def _sum(rng):
+    a, b = rng.randrange(10), rng.randrange(10)
+    return _row("Add the two numbers.", str(a + b), input=f"{a} + {b}")
+
+
+def _reverse(rng):
+    words = rng.sample(WORDS, 3)
+    return _row("Reverse the order of the words.", " ".join(reversed(words)), input=" ".join(words))
