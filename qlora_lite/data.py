@@ -17,7 +17,8 @@ Formats (`data.format`, "auto" picks from the columns):
 
 Every assistant turn is trained (`train_on: responses`); prompt tokens get -100. Masks come
 from one tokenization of the whole rendered text plus the character spans of the responses
-(offsets), so input_ids are exactly what the chat template renders.
+(offsets), so input_ids are exactly what the chat template renders. Rendering lives in
+qlora_lite/templates.py, file reading in qlora_lite/sources.py.
 """
 
 from __future__ import annotations
@@ -30,33 +31,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import QloraError
-from .sources import load_rows
+from .sources import load_rows, local_identity
+from .templates import alpaca_prompt, prompt_ids, render_alpaca, render_chat, resolve_template  # noqa: F401
 
 IGNORE_INDEX = -100
+TOKENIZE_CHUNK = 1000  # texts per tokenizer call: the fast tokenizer batches them in Rust
 CACHE_VERSION = 1  # bump when rendering or tokenizing changes, so old caches are not reused
 ROLES = {
     "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
     "model": "assistant", "chatgpt": "assistant", "system": "system",
 }
-
-ALPACA_PREAMBLE = (
-    "Below is an instruction that describes a task. "
-    "Write a response that appropriately completes the request."
-)
-ALPACA_PREAMBLE_INPUT = (
-    "Below is an instruction that describes a task, paired with an input that provides further "
-    "context. Write a response that appropriately completes the request."
-)
-
-
-def alpaca_prompt(instruction: str, input: str = "", system: str | None = None) -> str:
-    """The Stanford Alpaca prompt (with or without input), ending in '### Response:\\n'."""
-    preamble = system or (ALPACA_PREAMBLE_INPUT if input else ALPACA_PREAMBLE)
-    text = f"{preamble}\n\n### Instruction:\n{instruction}\n\n"
-    if input:
-        text += f"### Input:\n{input}\n\n"
-    return text + "### Response:\n"
-
 
 # ---------------------------------------------------------------- formats
 
@@ -110,95 +94,6 @@ def to_messages(row: dict, fmt: str, where: str, text_field: str = "text") -> li
     return msgs
 
 
-# ---------------------------------------------------------------- templates
-
-
-def resolve_template(chat_template: str | None, tokenizer) -> str:
-    """"alpaca" or the Jinja chat template to render with (recipe's, else the tokenizer's)."""
-    if chat_template:
-        return chat_template
-    own = getattr(tokenizer, "chat_template", None)
-    if isinstance(own, dict):  # several named templates: the default one is for chat
-        own = own.get("default") or next(iter(own.values()), None)
-    return own or "alpaca"
-
-
-def render_alpaca(msgs: list[dict], eos: str) -> tuple[str, list[tuple[int, int]]]:
-    """Alpaca-format text for a conversation and the character spans of the responses (EOS included)."""
-    system = msgs[0]["content"] if msgs and msgs[0]["role"] == "system" else None
-    text, spans, first, open_prompt = "", [], True, False
-    for m in msgs:
-        if m["role"] == "user":
-            if first:
-                text += alpaca_prompt(m["content"], m.get("input", ""), system)
-            else:
-                text += f"\n\n### Instruction:\n{m['content']}\n\n"
-                text += f"### Input:\n{m['input']}\n\n" if m.get("input") else ""
-                text += "### Response:\n"
-            first, open_prompt = False, True
-        elif m["role"] == "assistant":
-            if not open_prompt:
-                text += ("\n\n" if text else "") + "### Response:\n"
-            start = len(text)
-            text += m["content"] + eos
-            spans.append((start, len(text)))
-            first, open_prompt = False, False
-    return text, spans
-
-
-def render_chat(msgs: list[dict], tokenizer, template: str) -> tuple[str, list[tuple[int, int]]]:
-    """Chat-template text and the character spans of the assistant turns.
-
-    Each span is what the template adds between "prefix + generation prompt" and "prefix +
-    this turn", so the end-of-turn marker is trained too; templates that rewrite earlier turns
-    fall back to finding each response's text.
-    """
-    msgs = [_chat_message(m) for m in msgs]
-
-    def render(part, gen):
-        return tokenizer.apply_chat_template(part, chat_template=template, tokenize=False, add_generation_prompt=gen)
-
-    full = render(msgs, False)
-    spans, cursor = [], 0
-    for i, m in enumerate(msgs):
-        if m["role"] != "assistant":
-            continue
-        prefix = render(msgs[:i], True) if i else ""
-        upto = render(msgs[: i + 1], False)
-        if full.startswith(upto) and upto.startswith(prefix) and len(prefix) >= cursor:
-            spans.append((len(prefix), len(upto)))
-        else:
-            start = full.find(m["content"], cursor)
-            if start < 0:
-                raise QloraError("the chat template does not reproduce an assistant turn's text; set data.chat_template.")
-            spans.append((start, start + len(m["content"])))
-        cursor = spans[-1][1]
-    return full, spans
-
-
-def _chat_message(m: dict) -> dict:
-    content = m["content"] + (f"\n\n{m['input']}" if m.get("input") else "")
-    return {"role": m["role"], "content": content}
-
-
-def prompt_ids(tokenizer, instruction: str, input: str = "", chat_template: str | None = None) -> list[int]:
-    """Token ids of a one-turn prompt rendered as in training, ready for `generate`.
-
-    Args:
-        tokenizer: a Hugging Face tokenizer.
-        instruction (str): the user's request.
-        input (str): Alpaca context. Default "".
-        chat_template (str | None): as `data.chat_template`. Default None.
-    """
-    template = resolve_template(chat_template, tokenizer)
-    user = {"role": "user", "content": instruction, "input": input}
-    if template == "alpaca":
-        bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-        return bos + tokenizer(alpaca_prompt(instruction, input), add_special_tokens=False)["input_ids"]
-    text = tokenizer.apply_chat_template([_chat_message(user)], chat_template=template, tokenize=False, add_generation_prompt=True)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
 # ---------------------------------------------------------------- tokenizing
 
 
@@ -225,12 +120,11 @@ def tokenize_rows(rows, fmt, tokenizer, template, train_on, max_seq_len, text_fi
         except Exception as e:  # Jinja errors from the chat template (e.g. roles must alternate)
             raise QloraError(f"{where} row {i}: the chat template failed: {e}") from None
     samples, counts = [], {"truncated": 0, "dropped": 0}
-    for start in range(0, len(texts), 1000):
-        chunk = slice(start, start + 1000)
-        enc = tokenizer(texts[chunk], add_special_tokens=False, return_offsets_mapping=True)
-        for ids, offsets, sp, pre in zip(enc["input_ids"], enc["offset_mapping"], spans[chunk], prefixes[chunk]):
-            trained = [False] * len(pre) + _in_spans(offsets, sp)
-            ids = pre + list(ids)
+    for start in range(0, len(texts), TOKENIZE_CHUNK):
+        chunk = slice(start, start + TOKENIZE_CHUNK)
+        for (ids, trained), pre in zip(encode_with_spans(tokenizer, texts[chunk], spans[chunk]), prefixes[chunk]):
+            trained = [False] * len(pre) + trained
+            ids = pre + ids
             labels = [t if (k or train_on == "all") else IGNORE_INDEX for t, k in zip(ids, trained)]
             if len(ids) > max_seq_len:
                 ids, labels = ids[:max_seq_len], labels[:max_seq_len]
@@ -240,6 +134,32 @@ def tokenize_rows(rows, fmt, tokenizer, template, train_on, max_seq_len, text_fi
                 continue
             samples.append({"input_ids": ids, "labels": labels})
     return samples, counts
+
+
+def encode_with_spans(tokenizer, texts: list[str], spans: list[list[tuple[int, int]]]):
+    """[(input_ids, trained flags)] per text: one tokenization of the whole text, flags from offsets.
+
+    Tokenizers without offsets (pure-Python ones) get each span and each gap tokenized on
+    its own instead, which can differ from whole-text tokenization at the seams.
+    """
+    try:
+        enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+    except (NotImplementedError, ValueError, TypeError):
+        enc = None
+    if enc is not None and "offset_mapping" in enc:
+        return [(list(ids), _in_spans(off, sp)) for ids, off, sp in zip(enc["input_ids"], enc["offset_mapping"], spans)]
+    out = []
+    for text, sp in zip(texts, spans):
+        ids, trained, at = [], [], 0
+        for a, b in [*sp, (len(text), len(text))]:
+            for piece, flag in ((text[at:a], False), (text[a:b], True)):
+                if piece:
+                    part = tokenizer(piece, add_special_tokens=False)["input_ids"]
+                    ids += part
+                    trained += [flag] * len(part)
+            at = b
+        out.append((ids, trained))
+    return out
 
 
 def _in_spans(offsets, spans) -> list[bool]:
@@ -358,9 +278,9 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 def _load_tokenized(cfg, path, tokenizer, template, cache_dir):
     """(samples, meta, from_cache) for one data file, from the cache when its key matches."""
-    rows, ident = load_rows(path, cfg.split)
-    if cfg.max_samples is not None:
-        rows = rows[: cfg.max_samples]
+    ident, rows = local_identity(path), None
+    if ident is None:  # a Hub data set: its fingerprint is known only once loaded
+        rows, ident = load_rows(path, cfg.split)
     key = {
         "version": CACHE_VERSION, "source": ident, "tokenizer": tokenizer_fingerprint(tokenizer),
         "format": cfg.format, "template": template, "train_on": cfg.train_on, "max_seq_len": cfg.max_seq_len,
@@ -370,6 +290,10 @@ def _load_tokenized(cfg, path, tokenizer, template, cache_dir):
     file = Path(cache_dir) / f"{Path(path).stem}-{digest}.safetensors" if cache_dir else None
     if file is not None and file.is_file():
         return (*_read_cache(file), True)
+    if rows is None:
+        rows, _ = load_rows(path, cfg.split)
+    if cfg.max_samples is not None:
+        rows = rows[: cfg.max_samples]
     if not rows:
         raise QloraError(f"data {path!r} has no rows.")
     fmt = detect_format(rows[0].keys(), cfg.text_field) if cfg.format == "auto" else cfg.format

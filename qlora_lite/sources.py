@@ -15,29 +15,45 @@ LOCAL_SUFFIXES = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".cs
 
 
 
+def local_identity(path: str) -> dict | None:
+    """(path, size, mtime) of a local data file, None for a Hub id; cheap, so a cache hit reads nothing.
+
+    Raises QloraError when the path looks local but is not a readable data file.
+    """
+    p = Path(path).expanduser()
+    suffix = p.suffix.lower()
+    if not (suffix in LOCAL_SUFFIXES or p.exists() or path.startswith((".", "/", "~"))):
+        return None
+    if not p.is_file():
+        raise QloraError(
+            f"data file {str(p)!r} not found; set data.path to a .json/.jsonl/.parquet/.csv file "
+            "or a Hub data set id."
+        )
+    if suffix not in LOCAL_SUFFIXES:
+        raise QloraError(f"data file {str(p)!r}: unknown extension; use .json, .jsonl, .parquet or .csv.")
+    st = p.stat()
+    return {"path": str(p.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
 def load_rows(path: str, split: str = "train") -> tuple[list[dict], dict]:
     """Read raw rows from a local file or a Hub data set; return (rows, source identity).
 
     The identity (path, size, mtime; or Hub id, split, fingerprint) keys the token cache.
+
+    Args:
+        path (str): a .json (list of objects), .jsonl, .parquet or .csv file, or a Hub id.
+        split (str): the Hub split. Default "train".
     """
-    p = Path(path).expanduser()
+    ident = local_identity(path)
+    if ident is None:
+        return _read_hub(path, split)
+    p = Path(ident["path"])
     suffix = p.suffix.lower()
-    if suffix in LOCAL_SUFFIXES or p.exists() or path.startswith((".", "/", "~")):
-        if not p.is_file():
-            raise QloraError(
-                f"data file {str(p)!r} not found; set data.path to a .json/.jsonl/.parquet/.csv file "
-                "or a Hub data set id."
-            )
-        if suffix not in LOCAL_SUFFIXES:
-            raise QloraError(f"data file {str(p)!r}: unknown extension; use .json, .jsonl, .parquet or .csv.")
-        st = p.stat()
-        ident = {"path": str(p.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
-        if suffix == ".jsonl":
-            return _read_jsonl(p), ident
-        if suffix == ".json":
-            return _read_json(p), ident
-        return _read_with_datasets(LOCAL_SUFFIXES[suffix], str(p)), ident
-    return _read_hub(path, split)
+    if suffix == ".jsonl":
+        return _read_jsonl(p), ident
+    if suffix == ".json":
+        return _read_json(p), ident
+    return _read_with_datasets(LOCAL_SUFFIXES[suffix], str(p)), ident
 
 
 def _read_jsonl(p: Path) -> list[dict]:

@@ -276,3 +276,43 @@ def test_tokenize_rows_counts_are_per_call(tok):
     rows = [{"instruction": "x " * 50, "output": "y"}]
     samples, counts = tokenize_rows(rows, "alpaca", tok, "alpaca", "responses", 16, "text", "mem")
     assert samples == [] and counts == {"truncated": 1, "dropped": 1}
+
+
+def test_hub_path_uses_datasets(tmp_path, tok, monkeypatch):
+    import datasets
+
+    rows = [{"instruction": "a", "output": "b"}] * 3
+    calls = []
+
+    def fake_load(name, split):  # no network in tests: stand in for the Hub
+        calls.append((name, split))
+        return datasets.Dataset.from_list(rows)
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load)
+    cfg = DataConfig(path="someone/some-data", split="train[:3]", eval_split=0.0)
+    train, _, summary = build_datasets(cfg, tok, 0, tmp_path / "cache")
+    assert calls == [("someone/some-data", "train[:3]")] and len(train) == 3
+    assert build_datasets(cfg, tok, 0, tmp_path / "cache")[2].from_cache  # keyed on the fingerprint
+
+    def offline(name, split):
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(QloraError, match="could not load Hub data set 'someone/other'"):
+        build_datasets(DataConfig(path="someone/other"), tok, 0, None)
+
+
+def test_segment_fallback_matches_offsets(tok):
+    from qlora_lite.data import encode_with_spans
+    from qlora_lite.templates import render_alpaca
+
+    text, spans = render_alpaca([{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello"}], "</s>")
+    fast = encode_with_spans(tok, [text], [spans])
+
+    class NoOffsets:  # a pure-Python tokenizer has no offset mapping
+        def __call__(self, texts, add_special_tokens=False, return_offsets_mapping=False):
+            if return_offsets_mapping:
+                raise NotImplementedError
+            return tok(texts, add_special_tokens=add_special_tokens)
+
+    assert encode_with_spans(NoOffsets(), [text], [spans]) == fast
