@@ -59,7 +59,8 @@ def export(source, out, dtype, base, max_shard_size, verify, model, overwrite):
                f"{info['total_bytes'] / 1e9:.3f} GB to {out} in {info['seconds']} s")
     v = info.get("verify")
     if v:
-        click.echo(f"verify: max |logit diff| {v['max_abs_logit_diff']:.4g}, mean {v['mean_abs_logit_diff']:.4g}, "
+        click.echo(f"verify: max |logit diff| {v['max_abs_logit_diff']:.4g}, mean {v['mean_abs_logit_diff']:.4g} "
+                   f"(logits up to {v['max_abs_logit']:.4g}), "
                    f"argmax agreement {v['argmax_agreement']:.3f}, greedy tokens agree: {v['greedy_agree']}")
 
 

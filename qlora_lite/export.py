@@ -294,7 +294,7 @@ def export_model(source: str | Path, out: str | Path, dtype: str = "bf16", base:
             if len(names) > 1:
                 atomic_write_json(tmp / INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": weight_map})
             del tensors, keys, base_model
-            write_metadata(tmp, src, out_dtype)
+            info["prompt_format"] = write_metadata(tmp, src, out_dtype)
             info.update(shards=len(names), total_bytes=total, seconds=round(time.perf_counter() - t0, 1),
                         date=datetime.datetime.now().isoformat(timespec="seconds"))
             if verify:
@@ -326,8 +326,11 @@ def merge_tensor(key: str, w: torch.Tensor, adapter: dict, lora_cfg: LoraConfig,
     return merged_weight(w, ab["lora_A"], ab["lora_B"], lora_cfg.scale).to(dtype).contiguous()
 
 
-def write_metadata(folder: Path, src: ExportSource, dtype: torch.dtype) -> None:
-    """config.json (no quantization_config, the export dtype), generation_config.json, tokenizer."""
+def write_metadata(folder: Path, src: ExportSource, dtype: torch.dtype) -> str:
+    """config.json (no quantization_config, the export dtype), generation_config.json, tokenizer.
+
+    Returns the prompt format the exported tokenizer implies, for EXPORT.md.
+    """
     from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
     cfg = src.model
@@ -346,10 +349,15 @@ def write_metadata(folder: Path, src: ExportSource, dtype: torch.dtype) -> None:
     try:
         tok = AutoTokenizer.from_pretrained(local, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError, TypeError):
-        return  # a base without tokenizer files (tests' bare models): nothing to copy
-    if src.chat_template and src.chat_template != "alpaca":
-        tok.chat_template = src.chat_template  # the template training used travels with the model
+        return "no tokenizer in the base folder"  # tests' bare models: nothing to copy
+    # The prompt format training used travels with the model: a recipe's own Jinja template,
+    # or none at all when the recipe forced Alpaca (the base's template would format differently).
+    if src.chat_template == "alpaca":
+        tok.chat_template = None
+    elif src.chat_template:
+        tok.chat_template = src.chat_template
     tok.save_pretrained(folder)
+    return "the tokenizer's chat template" if tok.chat_template else "Alpaca (qlora_lite.data.alpaca_prompt)"
 
 
 def export_card(info: dict) -> str:
@@ -363,13 +371,15 @@ def export_card(info: dict) -> str:
         f"scale={info['scale']:g}, {info['merged_modules']} modules merged)",
         f"- base weights: {info['base']} - {mode}",
         f"- merge: W + scale * B @ A in fp32, cast once to {info['dtype']}; never re-quantized",
+        f"- prompt format: {info['prompt_format']}",
         f"- shards: {info['shards']}, {info['total_bytes'] / 1e9:.3f} GB",
         f"- date: {info['date']} ({info['seconds']} s)",
     ]
     v = info.get("verify")
     if v:
         lines += ["", "## Verify (export vs 4-bit base + adapter)", "",
-                  f"- max |logit diff|: {v['max_abs_logit_diff']:.4g}, mean: {v['mean_abs_logit_diff']:.4g}",
+                  f"- max |logit diff|: {v['max_abs_logit_diff']:.4g}, mean: {v['mean_abs_logit_diff']:.4g} "
+                  f"(logits up to {v['max_abs_logit']:.4g})",
                   f"- argmax agreement: {v['argmax_agreement']:.3f}; greedy tokens agree: {v['greedy_agree']}"]
     lines += ["", "Load with `AutoModelForCausalLM.from_pretrained(<this folder>)`; no bitsandbytes needed.", ""]
     return "\n".join(lines)
@@ -399,17 +409,18 @@ def verify_export(export_dir: str | Path, src: ExportSource, prompts=VERIFY_PROM
     disable_cpu_weight_packing(ref)  # compare with the weights training used, not a CPU repacking
     load_adapter(ref, src.adapter_dir)
     ref.eval()
-    diffs, agree, greedy_ok, n_pos = [], 0, True, 0
+    diffs, agree, greedy_ok, n_pos, scale = [], 0, True, 0, 0.0
     for ids in _verify_inputs(export_dir, exported.config.vocab_size, prompts):
         with torch.no_grad():
             a = exported(input_ids=ids).logits.float()
             b = ref(input_ids=ids).logits.float()
         diffs.append((a - b).abs().flatten())
+        scale = max(scale, b.abs().max().item())
         agree += int((a.argmax(-1) == b.argmax(-1)).sum())
         n_pos += ids.shape[1]
         greedy_ok &= torch.equal(greedy_ids(exported, ids, new_tokens), greedy_ids(ref, ids, new_tokens))
     d = torch.cat(diffs)
-    return {"max_abs_logit_diff": d.max().item(), "mean_abs_logit_diff": d.mean().item(),
+    return {"max_abs_logit_diff": d.max().item(), "mean_abs_logit_diff": d.mean().item(), "max_abs_logit": scale,
             "argmax_agreement": agree / n_pos, "greedy_agree": bool(greedy_ok), "prompts": len(prompts)}
 
 

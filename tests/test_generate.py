@@ -129,3 +129,18 @@ def test_cli_generate(run_and_export, tiny_tok_model):
     assert res.exit_code == 0, res.output
     res = runner.invoke(main, ["generate", exported])
     assert res.exit_code == 2 and "--prompt" in res.output
+
+
+@pytest.mark.parametrize("recipe_template", [None, "alpaca"])
+def test_export_keeps_the_prompt_format_training_used(tmp_path, recipe_template):
+    """A base with a chat template: the export formats prompts exactly as the run does."""
+    base = build_tiny_model(tmp_path / "chat", chat_template=True, **SMALL)
+    run = make_run(tmp_path / "run", base, chat_template=recipe_template)
+    export_model(run, tmp_path / "out", log=lambda m: None)
+    a, b = load_for_generation(run), load_for_generation(str(tmp_path / "out"))
+    assert a.chat_template == recipe_template and b.chat_template is None
+    convo = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}, {"role": "user", "content": "?"}]
+    for prompt in ("Name a colour.", convo):
+        assert prompt_to_ids(a.tokenizer, prompt, a.chat_template) == prompt_to_ids(b.tokenizer, prompt)
+    assert bool(b.tokenizer.chat_template) is (recipe_template is None)
+    assert ("Alpaca" in (tmp_path / "out" / "EXPORT.md").read_text()) is (recipe_template == "alpaca")
