@@ -36,7 +36,7 @@ from .templates import alpaca_prompt, prompt_ids, render_alpaca, render_chat, re
 
 IGNORE_INDEX = -100
 TOKENIZE_CHUNK = 1000  # texts per tokenizer call: the fast tokenizer batches them in Rust
-CACHE_VERSION = 1  # bump when rendering or tokenizing changes, so old caches are not reused
+CACHE_VERSION = 2  # bump when rendering or tokenizing changes, so old caches are not reused
 ROLES = {
     "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
     "model": "assistant", "chatgpt": "assistant", "system": "system",
@@ -104,21 +104,23 @@ def tokenize_rows(rows, fmt, tokenizer, template, train_on, max_seq_len, text_fi
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     texts, spans, prefixes = [], [], []
     for i, row in enumerate(rows):
-        msgs = to_messages(row, fmt, f"{where} row {i}", text_field)
-        try:
-            if fmt == "completion":
-                text = msgs + tokenizer.eos_token
-                texts.append(text), spans.append([(0, len(text))]), prefixes.append(bos)
-            elif template == "alpaca":
-                text, sp = render_alpaca(msgs, tokenizer.eos_token)
-                texts.append(text), spans.append(sp), prefixes.append(bos)
-            else:
-                text, sp = render_chat(msgs, tokenizer, template)
-                texts.append(text), spans.append(sp), prefixes.append([])
-        except QloraError as e:
-            raise QloraError(f"{where} row {i}: {e}") from None
-        except Exception as e:  # Jinja errors from the chat template (e.g. roles must alternate)
-            raise QloraError(f"{where} row {i}: the chat template failed: {e}") from None
+        where_row = f"{where} row {i}"
+        msgs = to_messages(row, fmt, where_row, text_field)
+        if fmt == "completion":
+            text = msgs + tokenizer.eos_token
+            sp, prefix = [(0, len(text))], bos
+        elif template == "alpaca":
+            (text, sp), prefix = render_alpaca(msgs, tokenizer.eos_token), bos
+        else:  # chat templates write their own BOS when the model wants one
+            try:
+                (text, sp), prefix = render_chat(msgs, tokenizer, template), []
+            except QloraError as e:
+                raise QloraError(f"{where_row}: {e}") from None
+            except Exception as e:  # Jinja errors raised by the template (e.g. roles must alternate)
+                raise QloraError(f"{where_row}: the chat template failed: {e}") from None
+        texts.append(text)
+        spans.append(sp)
+        prefixes.append(prefix)
     samples, counts = [], {"truncated": 0, "dropped": 0}
     for start in range(0, len(texts), TOKENIZE_CHUNK):
         chunk = slice(start, start + TOKENIZE_CHUNK)
@@ -126,6 +128,7 @@ def tokenize_rows(rows, fmt, tokenizer, template, train_on, max_seq_len, text_fi
             trained = [False] * len(pre) + trained
             ids = pre + ids
             labels = [t if (k or train_on == "all") else IGNORE_INDEX for t, k in zip(ids, trained)]
+            labels[0] = IGNORE_INDEX  # nothing predicts the first token; counts stay honest
             if len(ids) > max_seq_len:
                 ids, labels = ids[:max_seq_len], labels[:max_seq_len]
                 counts["truncated"] += 1
@@ -143,7 +146,8 @@ def encode_with_spans(tokenizer, texts: list[str], spans: list[list[tuple[int, i
     its own instead, which can differ from whole-text tokenization at the seams.
     """
     try:
-        enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+        # verbose=False: long texts are expected here (truncated below), no warning per text
+        enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
     except (NotImplementedError, ValueError, TypeError):
         enc = None
     if enc is not None and "offset_mapping" in enc:
@@ -154,7 +158,7 @@ def encode_with_spans(tokenizer, texts: list[str], spans: list[list[tuple[int, i
         for a, b in [*sp, (len(text), len(text))]:
             for piece, flag in ((text[at:a], False), (text[a:b], True)):
                 if piece:
-                    part = tokenizer(piece, add_special_tokens=False)["input_ids"]
+                    part = tokenizer(piece, add_special_tokens=False, verbose=False)["input_ids"]
                     ids += part
                     trained += [flag] * len(part)
             at = b
@@ -181,12 +185,19 @@ class DataSummary:
     """What the run trains on, printed before training.
 
     Args:
-        source (str): data.path. data_format (str): the format used. template (str): "alpaca",
-        "chat template" or "none". rows (int): rows read (train file, after max_samples).
-        train_samples, eval_samples (int): samples kept. tokens (int): train tokens.
-        trained_tokens (int): train tokens with a loss. truncated, dropped (int): samples cut
-        to max_seq_len / removed for having no trained token (all files). longest (int):
-        longest train sample. max_seq_len (int). from_cache (bool): tokenized data was reused.
+        source (str): data.path.
+        data_format (str): the format used ("alpaca", "sharegpt", ...).
+        template (str): "alpaca", "chat template" or "none" (completion).
+        rows (int): rows read from the train file (after max_samples).
+        train_samples (int): training samples kept.
+        eval_samples (int): eval samples kept.
+        tokens (int): tokens in the training samples.
+        trained_tokens (int): training tokens with a loss.
+        truncated (int): samples cut to max_seq_len (train and eval files).
+        dropped (int): samples removed for having no trained token left (train and eval files).
+        longest (int): the longest training sample, in tokens.
+        max_seq_len (int): data.max_seq_len.
+        from_cache (bool): the tokenized data came from the cache.
     """
 
     source: str
@@ -230,7 +241,7 @@ def build_datasets(cfg, tokenizer, seed: int, cache_dir: str | os.PathLike | Non
         seed (int): seeds the eval split.
         cache_dir (str | PathLike | None): where tokenized files are cached; None disables.
     """
-    template = "alpaca" if cfg.chat_template == "alpaca" else resolve_template(cfg.chat_template, tokenizer)
+    template = resolve_template(cfg.chat_template, tokenizer)
     samples, meta, cached = _load_tokenized(cfg, cfg.path, tokenizer, template, cache_dir)
     dropped, truncated = meta["dropped"], meta["truncated"]
     if cfg.eval_path:

@@ -58,7 +58,8 @@ def build_tiny_model(
         num_heads (int): attention heads. Default 4.
         num_kv_heads (int): key/value heads (GQA when < num_heads). Default 2.
         intermediate_size (int): MLP width. Default 512.
-        vocab_size (int): BPE vocabulary size to train (specials included). Default 1024.
+        vocab_size (int): most BPE tokens to learn, specials included; the demo corpus runs
+            out of merges at about 750. Default 1024.
         max_position_embeddings (int): longest sequence. Default 1024.
         initializer_range (float): init std. Larger than HF's 0.02 on purpose: the frozen
             random lm_head bounds the logits a LoRA-only model can reach, and at 0.02 the
@@ -157,7 +158,7 @@ def build_tiny_tokenizer(vocab_size: int = 1024):
 
 
 def _tokenizer_corpus() -> list[str]:
-    from .data import alpaca_prompt
+    from .templates import alpaca_prompt
 
     rows = demo_rows()
     return [alpaca_prompt(r["instruction"], r["input"]) + r["output"] for r in rows]

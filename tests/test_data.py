@@ -156,7 +156,8 @@ def test_completion_trains_everything(tmp_path, tok):
 
 def test_train_on_all(tmp_path, tok):
     (s,), _, summary = build(tmp_path, tok, [{"instruction": "a", "output": "b"}], train_on="all")
-    assert s["labels"] == s["input_ids"] and summary.trained_share == 1.0
+    assert s["labels"][0] == IGNORE_INDEX and s["labels"][1:] == s["input_ids"][1:]  # token 0 is never predicted
+    assert summary.trained_tokens == summary.tokens - 1
 
 
 def test_auto_detection_and_error():
@@ -310,9 +311,9 @@ def test_segment_fallback_matches_offsets(tok):
     fast = encode_with_spans(tok, [text], [spans])
 
     class NoOffsets:  # a pure-Python tokenizer has no offset mapping
-        def __call__(self, texts, add_special_tokens=False, return_offsets_mapping=False):
+        def __call__(self, texts, return_offsets_mapping=False, **kwargs):
             if return_offsets_mapping:
                 raise NotImplementedError
-            return tok(texts, add_special_tokens=add_special_tokens)
+            return tok(texts, **kwargs)
 
     assert encode_with_spans(NoOffsets(), [text], [spans]) == fast
