@@ -357,7 +357,7 @@ def write_metadata(folder: Path, src: ExportSource, dtype: torch.dtype) -> str:
     elif src.chat_template:
         tok.chat_template = src.chat_template
     tok.save_pretrained(folder)
-    return "the tokenizer's chat template" if tok.chat_template else "Alpaca (qlora_lite.data.alpaca_prompt)"
+    return "the tokenizer's chat template" if tok.chat_template else "Alpaca (qlora_lite.templates.alpaca_prompt)"
 
 
 def export_card(info: dict) -> str:

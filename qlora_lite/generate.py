@@ -1,7 +1,7 @@
 """Generation: prompt formatting as in training, greedy or sampled decoding, a chat loop.
 
 Works on a 4-bit base + adapter (a run folder, or a model plus --adapter) and on a plain
-model folder such as an export. Prompts are rendered by `qlora_lite.data` (the chat template
+model folder such as an export. Prompts are rendered by `qlora_lite.templates` (the chat template
 when the tokenizer or recipe has one, else Alpaca), the same functions training uses.
 """
 
@@ -87,7 +87,7 @@ def prompt_to_ids(tokenizer, prompt: str | list[dict], chat_template: str | None
         chat_template (str | None): as `data.chat_template`. Default None.
         raw (bool): tokenize `prompt` as is, no template. Default False.
     """
-    from .data import prompt_ids, render_alpaca, resolve_template
+    from .templates import prompt_ids, render_alpaca, resolve_template
 
     if raw:
         if not isinstance(prompt, str):

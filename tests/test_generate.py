@@ -7,7 +7,7 @@ import torch
 from click.testing import CliRunner
 
 from qlora_lite.cli import main
-from qlora_lite.data import alpaca_prompt, prompt_ids
+from qlora_lite.templates import alpaca_prompt, prompt_ids
 from qlora_lite.export import export_model
 from qlora_lite.generate import (Loaded, chat_loop, generate_ids, generate_text, load_for_generation,
                                  prompt_to_ids)
