@@ -401,12 +401,11 @@ def verify_export(export_dir: str | Path, src: ExportSource, prompts=VERIFY_PROM
     from transformers import AutoModelForCausalLM
 
     from .adapter import load_adapter
-    from .generate import disable_cpu_weight_packing, greedy_ids
+    from .generate import greedy_ids
     from .model import load_model
 
     exported = AutoModelForCausalLM.from_pretrained(str(export_dir), dtype="auto").eval()
     ref = load_model(replace(src.model, gradient_checkpointing=False))
-    disable_cpu_weight_packing(ref)  # compare with the weights training used, not a CPU repacking
     load_adapter(ref, src.adapter_dir)
     ref.eval()
     diffs, agree, greedy_ok, n_pos, scale = [], 0, True, 0, 0.0

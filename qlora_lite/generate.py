@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from .errors import QloraError
+from .model import disable_cpu_weight_packing
 
 DEFAULT_MAX_NEW_TOKENS = 128
 EXIT_COMMAND = "/exit"
@@ -105,22 +106,6 @@ def prompt_to_ids(tokenizer, prompt: str | list[dict], chat_template: str | None
 
 
 # ---------------------------------------------------------------- decoding
-
-
-def disable_cpu_weight_packing(model) -> None:
-    """Keep bitsandbytes from repacking 4-bit weights on the first eval forward on CPU.
-
-    On CPUs with AVX512-BF16, `Linear4bit.forward` in eval mode without grad converts its
-    weight in place to a packed layout with bf16-rounded absmax: later forwards no longer
-    compute what training computed, `dequantize_4bit` returns wrong values, and backward
-    through the packed kernel gives zero input gradients (silently). Generation is called
-    mid-training (the demo), so it must leave the weights as they are.
-    """
-    import bitsandbytes as bnb
-
-    for m in model.modules():
-        if isinstance(m, bnb.nn.Linear4bit):
-            m.support_avx512bf16_for_cpu = False
 
 
 def stop_ids(model, tokenizer=None) -> list[int]:

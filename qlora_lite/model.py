@@ -27,9 +27,7 @@ def cache_root() -> Path:
 def resolve_model_path(name_or_path: str) -> str:
     """A local folder, a Hub id (returned as is), or `qlora-lite:<name>` built locally."""
     if name_or_path.startswith(TINY_PREFIX):
-        from .tiny import ensure_builtin_model
-
-        return str(ensure_builtin_model(name_or_path[len(TINY_PREFIX):], cache_root() / "models"))
+        return str(builtin_model(name_or_path[len(TINY_PREFIX):]))
     p = Path(name_or_path).expanduser()
     if p.exists():
         if not (p / "config.json").is_file():
@@ -39,6 +37,28 @@ def resolve_model_path(name_or_path: str) -> str:
     if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
         raise QloraError(f"Model folder {name_or_path!r} does not exist; check model.name_or_path.")
     return name_or_path
+
+
+def builtin_model(name: str) -> Path:
+    """Build (once) and return the folder of a model qlora-lite makes locally.
+
+    The folder name carries a hash of the builder's source, so a changed builder never
+    serves a stale cached model.
+    """
+    import hashlib
+    import inspect
+
+    from . import tiny
+    from .io import atomic_dir
+
+    if name != "tiny-llama":
+        raise QloraError(f"Unknown built-in model {TINY_PREFIX}{name}; the built-in model is {TINY_PREFIX}tiny-llama.")
+    digest = hashlib.sha256(inspect.getsource(tiny).encode()).hexdigest()[:12]
+    path = cache_root() / "models" / f"{name}-{digest}"
+    if not (path / "config.json").is_file():
+        with atomic_dir(path, overwrite=True) as tmp:
+            tiny.build_tiny_llama(tmp)
+    return path
 
 
 def bnb_config(q: QuantizationConfig):
@@ -94,10 +114,27 @@ def load_model(cfg: ModelConfig, device: str = "cpu"):
         raise QloraError(f"Could not load model {cfg.name_or_path!r}: {e}") from None
     for p in model.parameters():
         p.requires_grad_(False)
+    disable_cpu_weight_packing(model)
     model.config.use_cache = False
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     return model
+
+
+def disable_cpu_weight_packing(model) -> None:
+    """Keep bitsandbytes from repacking 4-bit weights on the first eval forward on CPU.
+
+    On CPUs with AVX512-BF16, `Linear4bit.forward` in eval mode without grad converts its
+    weight in place to a packed layout with bf16-rounded absmax: later forwards no longer
+    compute what training computed, `dequantize_4bit` returns wrong values, and backward
+    through the packed kernel gives zero input gradients (silently). We evaluate and
+    generate mid-training, so the weights must stay as trained.
+    """
+    import bitsandbytes as bnb
+
+    for m in model.modules():
+        if isinstance(m, bnb.nn.Linear4bit):
+            m.support_avx512bf16_for_cpu = False
 
 
 def enable_gradient_checkpointing(model) -> None:

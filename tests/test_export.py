@@ -17,7 +17,6 @@ from qlora_lite.adapter import save_adapter
 from qlora_lite.cli import main
 from qlora_lite.errors import QloraError
 from qlora_lite.export import export_model, parse_size, plan_shards
-from qlora_lite.generate import disable_cpu_weight_packing
 from qlora_lite.lora import attach_lora, lora_modules
 from qlora_lite.model import load_model
 from qlora_lite.recipe import DataConfig, LoraConfig, ModelConfig, QuantizationConfig, Recipe, save_recipe
@@ -144,7 +143,6 @@ def test_fp32_export_matches_fp32_qlora_forward_near_exactly(tiny_llama, tmp_pat
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     ref = load_model(ModelConfig(name_or_path=tiny_llama, gradient_checkpointing=False,
                                  quantization=QuantizationConfig(compute_dtype="float32")))
-    disable_cpu_weight_packing(ref)  # else bnb's CPU eval kernel (bf16 scales) is compared
     load_adapter(ref, Path(run) / "adapter", dtype=torch.float32)
     a, b = logits(exported, IDS), logits(ref, IDS)
     # x @ (W + sBA)^T vs x @ W^T + s (x A^T) B^T: ~1e-6 relative per layer through 2 layers.
@@ -172,7 +170,6 @@ def test_export_loads_with_plain_transformers(tmp_path, dtype, tie):
     from qlora_lite.adapter import load_adapter
 
     ref = load_model(ModelConfig(name_or_path=base, gradient_checkpointing=False))
-    disable_cpu_weight_packing(ref)
     load_adapter(ref, Path(run) / "adapter")
     a, b = logits(exported, IDS), logits(ref, IDS)
     # The reference is the training forward: bf16 compute, bf16 adapter path. Each layer then

@@ -203,3 +203,44 @@ def test_bf16_lora_mode_wraps_plain_linear(tiny_llama):
     layer = m.get_submodule("model.layers.0.mlp.up_proj")
     assert isinstance(layer, LoRALinear) and type(layer.base) is torch.nn.Linear
     assert layer.base.weight.dtype == torch.bfloat16
+
+
+def test_lora_dropout_on_cpu_drops_p_and_rescales_like_nn_dropout():
+    from qlora_lite.lora import LoRADropout
+
+    d = LoRADropout(0.05).train()
+    x = torch.ones(2_000_000, dtype=torch.bfloat16, requires_grad=True)
+    y = d(x)
+    dropped = (y == 0).float().mean().item()
+    assert abs(dropped - 0.05) < 1e-3  # binomial sd is 1.5e-4
+    assert torch.equal(y[y != 0].unique(), torch.nn.Dropout(0.05).train()(torch.ones(100, dtype=torch.bfloat16)).max()[None])
+    y.sum().backward()
+    assert torch.equal(x.grad, y.detach())  # grad = mask / (1 - p)
+    torch.manual_seed(3)
+    a = d(x[:1000])
+    torch.manual_seed(3)
+    assert torch.equal(a, d(x[:1000]))  # the recompute under checkpointing sees the same mask
+    assert torch.equal(d.eval()(x), x)
+
+
+def test_eval_forward_does_not_repack_the_trained_weights(tiny_llama):
+    """bitsandbytes repacks 4-bit weights on a CPU eval forward (AVX512-BF16 machines), after
+    which backward gives wrong grads; load_model must keep the trained layout."""
+    m = qlora_model(tiny_llama)
+    randomize_b(m)
+    layer = m.get_submodule("model.layers.0.self_attn.q_proj").base
+    before = layer.weight.data.clone()
+    x = tokens()
+    m.train()
+    m(input_ids=x, labels=x).loss.backward()
+    g0 = {n: p.grad.clone() for n, p in m.named_parameters() if p.requires_grad}
+    m.zero_grad()
+    m.eval()
+    with torch.no_grad():
+        m(input_ids=x)
+    m.train()
+    m(input_ids=x, labels=x).loss.backward()
+    assert torch.equal(layer.weight.data, before)
+    for n, p in m.named_parameters():
+        if p.requires_grad:
+            assert torch.equal(p.grad, g0[n]), n

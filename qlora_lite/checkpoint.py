@@ -1,0 +1,92 @@
+"""Checkpoints: written to a temporary folder and renamed, so a crash leaves only complete ones.
+
+    <run>/checkpoints/step-N/
+        adapter/                PEFT-format adapter (loadable on its own)
+        optimizer.pt            optimizer state_dict
+        scheduler.pt            LR scheduler state_dict
+        rng.pt                  torch (and CUDA) RNG states
+        trainer_state.json      step, data position, python RNG state, running totals
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import shutil
+from pathlib import Path
+
+import torch
+
+from .adapter import load_adapter, save_adapter
+from .io import atomic_dir
+from .recipe import LoraConfig
+
+STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def checkpoint_dirs(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first (temporary folders start with '.')."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := STEP_DIR.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    dirs = checkpoint_dirs(run_dir)
+    return dirs[-1] if dirs else None
+
+
+def save_checkpoint(run_dir: str | Path, model, lora_cfg: LoraConfig, base_name: str, optimizer, scheduler,
+                    state: dict, keep_last: int) -> Path:
+    """Write checkpoints/step-<state['step']> atomically, then drop all but the newest `keep_last`.
+
+    Args:
+        run_dir (str | Path): the run folder.
+        model: the LoRA-wrapped model.
+        lora_cfg (LoraConfig): for the adapter's config file.
+        base_name (str): base model name recorded in the adapter config.
+        optimizer, scheduler: torch optimizer and LR scheduler.
+        state (dict): JSON-able trainer state; must hold "step".
+        keep_last (int): checkpoints to keep.
+    """
+    final = Path(run_dir) / "checkpoints" / f"step-{state['step']}"
+    with atomic_dir(final, overwrite=True) as tmp:
+        save_adapter(model, tmp / "adapter", lora_cfg, base_name)
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        rng = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        torch.save(rng, tmp / "rng.pt")
+        full = dict(state, python_rng=_py_rng_to_json(random.getstate()))
+        (tmp / "trainer_state.json").write_text(json.dumps(full, indent=2))
+    for old in checkpoint_dirs(run_dir)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(path: str | Path, model, optimizer, scheduler) -> dict:
+    """Restore adapter, optimizer, scheduler and RNG states; return the trainer state."""
+    path = Path(path)
+    load_adapter(model, path / "adapter")
+    # weights_only: a checkpoint folder is data, never code.
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    rng = torch.load(path / "rng.pt", weights_only=True)
+    torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    state = json.loads((path / "trainer_state.json").read_text())
+    random.setstate(_py_rng_from_json(state.pop("python_rng")))
+    return state
+
+
+def _py_rng_to_json(s):
+    return [s[0], list(s[1]), s[2]]
+
+
+def _py_rng_from_json(s):
+    return (s[0], tuple(s[1]), s[2])

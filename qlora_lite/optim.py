@@ -1,0 +1,42 @@
+"""Optimizers (bitsandbytes' paged and 8-bit AdamW, torch AdamW) and LR schedules."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def build_optimizer(name: str, params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """Args: name (str): paged_adamw_8bit | paged_adamw_32bit | adamw_8bit | adamw."""
+    import bitsandbytes as bnb
+
+    classes = {
+        # Paged state lives in CUDA unified memory and is evicted to the host under memory
+        # pressure instead of failing; on CPU bitsandbytes falls back to ordinary buffers.
+        "paged_adamw_8bit": bnb.optim.PagedAdamW8bit,
+        "paged_adamw_32bit": bnb.optim.PagedAdamW32bit,
+        "adamw_8bit": bnb.optim.AdamW8bit,
+        "adamw": torch.optim.AdamW,
+    }
+    return classes[name](params, lr=lr, weight_decay=weight_decay)
+
+
+def lr_lambda(kind: str, warmup: int, total: int):
+    """Multiplier of the peak lr at a step: linear warmup, then cosine/linear decay to 0, or constant."""
+
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if kind == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        if kind == "linear":
+            return 1.0 - progress
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return f
+
+
+def build_scheduler(optimizer, kind: str, warmup: int, total: int):
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(kind, warmup, total))

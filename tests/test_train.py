@@ -1,0 +1,145 @@
+"""The training loop through `train()` and the real CLI: resume equality, Ctrl-C, NaN stop."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from qlora_lite.checkpoint import checkpoint_dirs
+from qlora_lite.errors import QloraError
+from qlora_lite.recipe import recipe_from_dict
+from qlora_lite.train import NonFiniteLoss, train
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory):
+    from qlora_lite.tiny import demo_rows
+
+    path = tmp_path_factory.mktemp("data") / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in demo_rows(160, seed=1)))
+    return str(path)
+
+
+def make_recipe(data_file, out, **train):
+    t = dict(seed=3, max_steps=10, micro_batch_size=4, grad_accum=2, lr=1e-3, warmup_steps=2, log_every=1,
+             eval_every=5, save_every=5, keep_last=2, optimizer="paged_adamw_8bit")
+    t.update(train)
+    return recipe_from_dict({
+        "model": {"name_or_path": "qlora-lite:tiny-llama"},
+        "lora": {"r": 8, "alpha": 16, "dropout": 0.1},
+        "data": {"path": data_file, "format": "alpaca", "max_seq_len": 64, "eval_split": 0.1},
+        "train": t,
+        "output": {"dir": str(out)},
+    })
+
+
+def losses(run_dir) -> dict[int, float]:
+    recs = [json.loads(line) for line in open(Path(run_dir) / "metrics.jsonl")]
+    return {r["step"]: r["loss"] for r in recs if "loss" in r}
+
+
+def test_resume_gives_the_same_losses_as_a_straight_run(data_file, tmp_path):
+    straight = train(make_recipe(data_file, tmp_path / "a", keep_last=5))
+    assert straight["steps"] == 10 and (tmp_path / "a/adapter/adapter_model.safetensors").is_file()
+    assert [p.name for p in checkpoint_dirs(tmp_path / "a")] == ["step-5", "step-10"]
+    # A crash right after step 5's checkpoint: the run folder as it stood then.
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    shutil.rmtree(tmp_path / "b/checkpoints/step-10")
+    shutil.rmtree(tmp_path / "b/adapter")
+    resumed = train(make_recipe(data_file, tmp_path / "b", keep_last=5), resume=True)
+    a, b = losses(tmp_path / "a"), losses(tmp_path / "b")
+    assert sorted(a) == sorted(b) == list(range(1, 11))
+    worst = max(abs(a[s] - b[s]) for s in a)
+    assert worst <= 1e-5, [(s, a[s], b[s]) for s in a]
+    assert resumed["eval_loss"] == pytest.approx(straight["eval_loss"], abs=1e-5)
+
+
+def test_summary_and_metrics_files(data_file, tmp_path):
+    s = train(make_recipe(data_file, tmp_path / "r", max_steps=4, save_every=0, eval_every=0))
+    on_disk = json.loads((tmp_path / "r/summary.json").read_text())
+    assert on_disk["steps"] == 4 and on_disk["eval_loss"] == s["eval_loss"] and s["eval_perplexity"] > 1
+    assert on_disk["adapter_bytes"] == (tmp_path / "r/adapter/adapter_model.safetensors").stat().st_size
+    recs = [json.loads(line) for line in open(tmp_path / "r/metrics.jsonl")]
+    train_recs = [r for r in recs if "loss" in r]
+    assert {"step", "loss", "lr", "grad_norm", "tokens_per_s", "peak_memory_gb"} <= set(train_recs[0])
+    assert "eval_perplexity" in recs[-1]
+    assert (tmp_path / "r/recipe.yaml").is_file() and (tmp_path / "r/data_summary.json").is_file()
+    assert not checkpoint_dirs(tmp_path / "r")
+
+
+def test_a_second_run_into_the_same_folder_is_refused(data_file, tmp_path):
+    train(make_recipe(data_file, tmp_path / "r", max_steps=1, eval_every=0))
+    with pytest.raises(QloraError, match="--resume"):
+        train(make_recipe(data_file, tmp_path / "r", max_steps=1))
+    with pytest.raises(QloraError, match="no checkpoint"):
+        train(make_recipe(data_file, tmp_path / "fresh", max_steps=1), resume=True)
+
+
+def test_non_finite_loss_stops_with_the_step_and_keeps_the_checkpoint(data_file, tmp_path):
+    # An absurd learning rate overflows the bf16 adapters within a few steps.
+    r = make_recipe(data_file, tmp_path / "r", max_steps=30, lr=1e30, warmup_steps=0, save_every=1,
+                    max_grad_norm=0.0, optimizer="adamw")
+    with pytest.raises(NonFiniteLoss, match=r"at step \d+") as e:
+        train(r)
+    step = int(str(e.value).split("at step ")[1].split(";")[0])
+    kept = checkpoint_dirs(tmp_path / "r")
+    assert kept and kept[-1].name == f"step-{step - 1}"
+    assert not (tmp_path / "r/adapter").exists()
+
+
+def cli(*args, **kw):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.Popen([sys.executable, "-m", "qlora_lite.cli", *args], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def write_recipe(tmp_path, data_file, out, **train):
+    import yaml
+
+    r = make_recipe(data_file, out, **train)
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(r.to_dict()))
+    return str(path)
+
+
+def test_ctrl_c_saves_a_checkpoint_exits_130_and_resumes(data_file, tmp_path):
+    recipe = write_recipe(tmp_path, data_file, tmp_path / "r", max_steps=400, save_every=0, eval_every=0)
+    p = cli("run", recipe)
+    for line in p.stdout:
+        if line.startswith("step") and "loss" in line:
+            p.send_signal(signal.SIGINT)
+            break
+    out = p.stdout.read()
+    assert p.wait(timeout=120) == 130, out
+    kept = checkpoint_dirs(tmp_path / "r")
+    assert len(kept) == 1 and "interrupted" in out
+    step = int(kept[0].name.split("-")[1])
+    assert step >= 1
+    p = cli("run", recipe, "--resume", "--set", f"train.max_steps={step + 2}")
+    out = p.stdout.read()
+    assert p.wait(timeout=300) == 0, out
+    assert f"resumed from" in out and json.loads((tmp_path / "r/summary.json").read_text())["steps"] == step + 2
+
+
+def test_cli_end_to_end_and_clear_errors(data_file, tmp_path):
+    recipe = write_recipe(tmp_path, data_file, tmp_path / "r", max_steps=3, eval_every=0, save_every=0)
+    p = cli("run", recipe, "--set", "train.lr=5e-4")
+    out = p.stdout.read()
+    assert p.wait(timeout=300) == 0, out
+    assert "trainable" in out and "eval loss" in out and "truncated" in out
+    import yaml
+
+    assert yaml.safe_load((tmp_path / "r/recipe.yaml").read_text())["train"]["lr"] == 5e-4
+    p = cli("run", recipe, "--set", "train.lrr=1")
+    out = p.stdout.read()
+    assert p.wait(timeout=60) == 2 and "Did you mean `lr`" in out and "Traceback" not in out
