@@ -64,7 +64,7 @@ class ModelConfig:
         revision (str | None): Hub revision (branch, tag or commit). Default None.
         trust_remote_code (bool): run modelling code shipped with the checkpoint. Default False.
         gradient_checkpointing (bool): recompute activations in backward. Default True.
-        quantization (QuantizationConfig): see above.
+        quantization (QuantizationConfig): the `model.quantization` section below.
     """
 
     name_or_path: str = ""

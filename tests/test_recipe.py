@@ -77,3 +77,17 @@ def test_saved_recipe_round_trips(tmp_path):
 def test_missing_recipe_file_is_named(tmp_path):
     with pytest.raises(RecipeError, match="not found"):
         load_recipe(tmp_path / "nope.yaml")
+
+
+def test_every_field_is_documented_in_docs_recipes_md():
+    import dataclasses
+
+    from qlora_lite import recipe as R
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "recipes.md").read_text()
+    sections = {"model": R.ModelConfig, "model.quantization": R.QuantizationConfig, "lora": R.LoraConfig,
+                "data": R.DataConfig, "train": R.TrainConfig, "output": R.OutputConfig}
+    for name, cls in sections.items():
+        part = doc.split(f"## `{name}`")[1].split("\n## ")[0]
+        for f in dataclasses.fields(cls):
+            assert f"| `{f.name}` |" in part, f"{name}.{f.name} is missing from docs/recipes.md"
