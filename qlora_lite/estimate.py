@@ -1,0 +1,314 @@
+"""Predicted memory: the profile's categories from the architecture alone, and what fits.
+
+Weights, adapters, gradients and optimizer state are counted tensor by tensor, the way
+bitsandbytes and torch store them. Activations follow the Llama-family decoder in
+transformers with non-reentrant gradient checkpointing: each layer's input is kept,
+and in backward one layer is recomputed; the per-token sizes of that recompute and of
+the loss were read off `MemoryTracker` runs (see tests/test_estimate.py) and are
+written here term by term. The peak is the largest of three moments: backward through
+the last layer, backward through the loss, and the optimizer step.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .errors import QloraError
+from .memory import CATEGORIES
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+MODES = ("qlora", "lora", "full")
+BF16 = 2
+NF4_BLOCK = 64  # elements per absmax
+NF4_BLOCK2 = 256  # absmax values per second-level (fp32) absmax
+# Per quantized weight: NF4 code (16 fp32), nested absmax code (256 fp32), fp32 offset.
+NF4_CONSTANTS = 16 * 4 + 256 * 4 + 4
+OPT8_MIN_SIZE = 4096  # bitsandbytes keeps 32-bit state for smaller tensors
+OPT8_BLOCK = 256
+OPT8_QMAPS = 2 * 256 * 4  # the shared signed/unsigned dynamic maps
+# What a card can give to tensors: the CUDA context and allocator fragmentation are not ours.
+CUDA_CONTEXT = 0.5 * 2**30
+FRAGMENTATION = 0.05
+
+
+@dataclass
+class Arch:
+    """The numbers of a decoder-only transformer that memory depends on."""
+
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    vocab_size: int
+    tie_word_embeddings: bool = False
+    max_position_embeddings: int = 4096
+    model_type: str = "llama"
+    head_dim: int = 0
+    name: str = ""
+
+    def __post_init__(self):
+        self.head_dim = self.head_dim or self.hidden_size // self.num_attention_heads
+
+    @property
+    def qkv_bias(self) -> bool:
+        return self.model_type == "qwen2"
+
+
+@dataclass
+class Settings:
+    """What the estimate assumes about the run (the recipe's values).
+
+    Args:
+        seq_len (int): tokens per sample. Default 2048.
+        batch_size (int): samples per micro-batch. Default 1.
+        lora_r (int): adapter rank, all-linear. Default 16.
+        lora_dropout (float): adapter input dropout (its masks are kept). Default 0.05.
+        optimizer (str): train.optimizer. Default "paged_adamw_8bit".
+        loss_chunk_size (int): train.loss_chunk_size; 0 = full fp32 logits. Default 1024.
+        grad_accum (int): > 1 keeps gradients alive through the next forward; 1 frees
+            them after each step. Default 16.
+        device (str): "cuda" (bool dropout masks) or "cpu" (masks in bf16). Default "cuda".
+    """
+
+    seq_len: int = 2048
+    batch_size: int = 1
+    lora_r: int = 16
+    lora_dropout: float = 0.05
+    optimizer: str = "paged_adamw_8bit"
+    loss_chunk_size: int = 1024
+    grad_accum: int = 16
+    device: str = "cuda"
+
+
+def load_arch(model: str) -> Arch:
+    """An Arch from a shipped name (llama-2-7b, ...), a folder or config.json, or a Hub id.
+
+    Args:
+        model (str): see above; a Hub id downloads config.json only.
+    """
+    shipped = CONFIG_DIR / f"{model}.json"
+    p = Path(model).expanduser()
+    if shipped.is_file():
+        path = shipped
+    elif p.is_dir() and (p / "config.json").is_file():
+        path = p / "config.json"
+    elif p.is_file():
+        path = p
+    elif p.exists() or model.startswith((".", "/", "~")) or model.count("/") != 1:
+        names = ", ".join(sorted(x.stem for x in CONFIG_DIR.glob("*.json")))
+        raise QloraError(f"Model {model!r} is not a config.json, a model folder, a Hub id (org/name) or a "
+                         f"shipped config ({names}).")
+    else:
+        from huggingface_hub import hf_hub_download
+
+        try:
+            path = Path(hf_hub_download(model, "config.json"))
+        except Exception as e:  # network, auth, missing repo: all need the same advice
+            raise QloraError(f"Could not read config.json of {model!r} from the Hub ({e}); pass a local "
+                             "folder or config.json instead.") from None
+    cfg = json.loads(Path(path).read_text())
+    cfg = cfg.get("text_config", cfg)
+    try:
+        return Arch(
+            hidden_size=cfg["hidden_size"], intermediate_size=cfg["intermediate_size"],
+            num_hidden_layers=cfg["num_hidden_layers"], num_attention_heads=cfg["num_attention_heads"],
+            num_key_value_heads=cfg.get("num_key_value_heads") or cfg["num_attention_heads"],
+            vocab_size=cfg["vocab_size"], tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            max_position_embeddings=cfg.get("max_position_embeddings", 4096),
+            model_type=cfg.get("model_type", "llama"), head_dim=cfg.get("head_dim") or 0, name=model)
+    except KeyError as e:
+        raise QloraError(f"{path}: config.json has no {e.args[0]!r}; only Llama-style decoders are supported.") from None
+
+
+def layer_linears(a: Arch) -> list[tuple[int, int, bool]]:
+    """(d_in, d_out, has_bias) of one decoder layer's linears: q, k, v, o, gate, up, down."""
+    q, kv, h, i = a.num_attention_heads * a.head_dim, a.num_key_value_heads * a.head_dim, a.hidden_size, a.intermediate_size
+    b = a.qkv_bias
+    return [(h, q, b), (h, kv, b), (h, kv, b), (q, h, False), (h, i, False), (h, i, False), (i, h, False)]
+
+
+def nf4_bytes(n: int) -> int:
+    """Bytes of an n-element NF4 weight with double quantization: 4 bits + uint8 absmax per
+    64 + fp32 absmax per 256 blocks + constants (about 4.127 bits per parameter)."""
+    blocks = math.ceil(n / NF4_BLOCK)
+    return n // 2 + blocks + 4 * math.ceil(blocks / NF4_BLOCK2) + NF4_CONSTANTS
+
+
+def optimizer_bytes(kind: str, numels: list[int], elem_bytes: int = BF16) -> int:
+    """Optimizer state for trainable tensors of `numels` elements.
+
+    Args:
+        kind (str): "paged_adamw_8bit" / "adamw_8bit" (bnb blockwise 8-bit), "paged_adamw_32bit"
+            / "adamw32" (fp32 state), "adamw" (torch: state in the parameter dtype + a step scalar).
+        numels (list[int]): elements per trainable tensor.
+        elem_bytes (int): parameter dtype size (torch AdamW). Default 2.
+    """
+    if kind == "adamw":
+        return sum(2 * elem_bytes * n + 4 for n in numels)
+    if kind.endswith("8bit"):
+        big = [n for n in numels if n >= OPT8_MIN_SIZE]
+        small = sum(8 * n for n in numels if n < OPT8_MIN_SIZE)
+        return small + sum(2 * n + 2 * 4 * math.ceil(n / OPT8_BLOCK) for n in big) + (OPT8_QMAPS if big else 0)
+    return sum(8 * n for n in numels)
+
+
+def persistent(a: Arch, s: Settings, mode: str) -> dict:
+    """Bytes of weights, adapters, gradients and optimizer state (alive the whole step)."""
+    h, L, V = a.hidden_size, a.num_hidden_layers, a.vocab_size
+    lin = layer_linears(a)
+    small = [V * h] * (1 if a.tie_word_embeddings else 2) + [h] * (2 * L + 1)  # embeddings, norms
+    base = BF16 * sum(small) + 2 * (a.head_dim // 2) * 4  # rotary inv_freq buffers (fp32)
+    for d_in, d_out, bias in lin:
+        w = nf4_bytes(d_in * d_out) if mode == "qlora" else BF16 * d_in * d_out
+        base += L * (w + (BF16 * d_out if bias else 0))
+    if mode == "full":
+        trainable = small + L * [n for d_in, d_out, bias in lin for n in ([d_in * d_out] + ([d_out] if bias else []))]
+        lora, kind = 0, ("paged_adamw_32bit" if s.optimizer.startswith("paged") else "adamw32")
+    else:
+        trainable = L * [n for d_in, d_out, _ in lin for n in (s.lora_r * d_in, s.lora_r * d_out)]
+        lora, kind = BF16 * sum(trainable), s.optimizer
+    grads = BF16 * sum(trainable)
+    return {"base_weights": base, "lora_params": lora, "gradients": grads,
+            "optimizer_state": optimizer_bytes(kind, trainable)}
+
+
+def layer_recompute_per_token(a: Arch, s: Settings, mode: str) -> int:
+    """Bytes per token alive while backward runs through one recomputed decoder layer."""
+    h, i, nh = a.hidden_size, a.intermediate_size, a.num_attention_heads
+    q, kv = nh * a.head_dim, a.num_key_value_heads * a.head_dim
+    # RMSNorms keep an fp32 copy, the normalised output and rsqrt; attention keeps the
+    # rotated q and k, its output and a log-sum-exp per head.
+    common = 18 * h + 8 + 4 * q + 4 * kv + 4 * nh
+    if mode == "full":
+        return common + 12 * i  # gate/up outputs, silu, product and their grads
+    lin = layer_linears(a)
+    adapters = 2 * s.lora_r * len(lin)
+    mask = 1 if s.device == "cuda" else BF16  # CUDA dropout masks are bool
+    dropout = sum((BF16 + mask) * d_in for d_in, _, _ in lin) if s.lora_dropout > 0 else 0
+    return common + 8 * i + adapters + dropout
+
+
+def loss_bytes(a: Arch, s: Settings, mode: str) -> tuple[int, int]:
+    """(saved, temporary) bytes alive while backward runs through the loss.
+
+    Saved: the final norm's fp32 input and rsqrt, the shifted label-masked hidden states
+    and targets, and (unchunked) the fp32 log-softmax. Temporary: the gradients of the
+    log-softmax and of the fp32 logits, plus a chunk's recomputed log-softmax when chunked.
+    """
+    h, V = a.hidden_size, a.vocab_size
+    n = s.batch_size * (s.seq_len - 1)  # next-token targets
+    chunked = 0 < s.loss_chunk_size < n
+    rows = s.loss_chunk_size if chunked else n
+    norm = (4 * h + 4 + (4 * h if mode == "full" else 0)) * s.batch_size * s.seq_len
+    saved = norm + BF16 * h * n + 8 * n + (0 if chunked else 4 * rows * V)
+    return saved, (12 if chunked else 8) * rows * V
+
+
+def estimate_mode(a: Arch, s: Settings, mode: str) -> dict:
+    """Predicted peak breakdown of one mode: {"bytes": {category: n}, "total", "phase"}."""
+    if mode not in MODES:
+        raise QloraError(f"mode {mode!r} must be one of {', '.join(MODES)}.")
+    tokens = s.batch_size * s.seq_len
+    b = {c: 0 for c in CATEGORIES}
+    b.update(persistent(a, s, mode))
+    # Checkpoint boundaries: every layer's input, rotary cos/sin, token and position ids.
+    boundaries = (a.num_hidden_layers * BF16 * a.hidden_size + 2 * BF16 * a.head_dim + 8) * tokens + 8 * s.seq_len
+    moments = {"backward (layer recompute)": (0, layer_recompute_per_token(a, s, mode) * tokens),
+               "backward (loss)": loss_bytes(a, s, mode)}
+    if mode == "qlora":
+        # bitsandbytes dequantizes the whole bf16 weight for the input gradient; at short
+        # sequences the down projection's backward is the peak.
+        down = (6 * a.hidden_size + 2 * a.intermediate_size + 2 * s.lora_r) * tokens
+        moments["backward (4-bit dequantize)"] = (
+            0, moments["backward (layer recompute)"][1] - down + BF16 * a.hidden_size * a.intermediate_size)
+    n = s.batch_size * (s.seq_len - 1)
+    if mode == "full" and 0 < s.loss_chunk_size < n:
+        # Each chunk makes its own lm_head weight gradient; autograd sums them pairwise.
+        saved = loss_bytes(a, s, mode)[0]
+        moments["backward (lm_head grads)"] = (saved, 3 * BF16 * a.vocab_size * a.hidden_size)
+    grads = b["gradients"]
+    if s.grad_accum == 1:
+        # Without accumulation gradients exist only from backward to the optimizer step.
+        moments = {k: (saved, temp) for k, (saved, temp) in moments.items()}
+        moments["optimizer step"] = (-boundaries, grads)
+        grads = 0
+    phase, (saved, temp) = max(moments.items(), key=lambda kv: sum(kv[1]))
+    b["activations"] = boundaries + saved
+    b["temporaries"] = temp
+    if phase == "optimizer step":
+        b["gradients"], b["temporaries"] = temp, 0
+    else:
+        b["gradients"] = grads
+    return {"bytes": b, "total": sum(b.values()), "phase": phase}
+
+
+def fits(total: int, gpu_mem: float) -> bool:
+    """Whether `total` tensor bytes fit on a card of `gpu_mem` bytes (context + fragmentation kept back)."""
+    return total * (1 + FRAGMENTATION) + CUDA_CONTEXT <= gpu_mem
+
+
+def largest(a: Arch, s: Settings, mode: str, gpu_mem: float, field: str, limit: int) -> int:
+    """Largest `field` ("seq_len" or "batch_size") up to `limit` that fits; 0 if none."""
+    def ok(v):
+        return fits(estimate_mode(a, Settings(**{**asdict(s), field: v}), mode)["total"], gpu_mem)
+
+    lo, hi = 0, limit
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if ok(mid) else (lo, mid - 1)
+    return lo
+
+
+def parse_size(text: str) -> float:
+    """"24GB", "24GiB", "80G", "16000MB" -> bytes (GB read as GiB: cards are sold in GiB)."""
+    t = text.strip().upper().replace("IB", "B")
+    for unit, mult in (("TB", 2**40), ("GB", 2**30), ("MB", 2**20), ("T", 2**40), ("G", 2**30), ("M", 2**20)):
+        if t.endswith(unit):
+            t = t[: -len(unit)]
+            break
+    else:
+        mult = 2**30
+    try:
+        return float(t) * mult
+    except ValueError:
+        raise QloraError(f"--gpu-mem {text!r} is not a size; write it like 24GB or 80GiB.") from None
+
+
+def estimate(model: str, settings: Settings, gpu_mem: float | None = None, modes=MODES) -> dict:
+    """Predictions for every mode, with fit answers when `gpu_mem` is given (JSON-ready)."""
+    a = load_arch(model)
+    out = {"model": model, "arch": asdict(a), "settings": asdict(settings), "gpu_mem": gpu_mem, "modes": {}}
+    for m in modes:
+        r = estimate_mode(a, settings, m)
+        if gpu_mem:
+            r["fits"] = fits(r["total"], gpu_mem)
+            r["max_seq_len"] = largest(a, settings, m, gpu_mem, "seq_len", a.max_position_embeddings)
+            r["max_batch_size"] = largest(a, settings, m, gpu_mem, "batch_size", 4096)
+        out["modes"][m] = r
+    return out
+
+
+def format_table(result: dict) -> str:
+    """A markdown table: categories as rows, modes as columns, plus fit answers."""
+    from .profile import LABELS, gib
+
+    modes = list(result["modes"])
+    s = result["settings"]
+    lines = [f"{result['model']}: seq {s['seq_len']}, batch {s['batch_size']}, LoRA r={s['lora_r']} all-linear, "
+             f"{s['optimizer']}, loss chunk {s['loss_chunk_size']}, gradient checkpointing", "",
+             "| | " + " | ".join(modes) + " |", "|---|" + "---:|" * len(modes)]
+    for c in CATEGORIES:
+        lines.append(f"| {LABELS[c]} | " + " | ".join(gib(result["modes"][m]["bytes"][c]) for m in modes) + " |")
+    lines.append("| **predicted peak** | " + " | ".join(f"**{gib(result['modes'][m]['total'])}**" for m in modes) + " |")
+    if result["gpu_mem"]:
+        g = gib(result["gpu_mem"])
+        lines.append(f"| fits in {g} | " + " | ".join("yes" if result["modes"][m]["fits"] else "NO" for m in modes) + " |")
+        lines.append(f"| largest seq len (batch {s['batch_size']}) | "
+                     + " | ".join(str(result["modes"][m]["max_seq_len"]) for m in modes) + " |")
+        lines.append(f"| largest batch (seq {s['seq_len']}) | "
+                     + " | ".join(str(result["modes"][m]["max_batch_size"]) for m in modes) + " |")
+    return "\n".join(lines)

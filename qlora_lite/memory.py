@@ -1,0 +1,244 @@
+"""Measuring memory: a device-agnostic tracker of live tensor storage, by category.
+
+The tracker is a TorchDispatchMode: every op's output storage is recorded with its size
+and freed through a weakref on the storage (torch keeps one Python object per storage,
+so the weakref dies exactly when the memory does). Categories are decided from what a
+storage turned out to be over its life:
+
+- base_weights / lora_params: storages registered beforehand (parameters, buffers, bnb
+  quantization constants);
+- gradients: storages that became a parameter's `.grad`;
+- optimizer_state: storages found in `optimizer.state` after a step;
+- activations: storages saved for backward (a saved_tensors_hooks pack) or made in the
+  forward pass and still alive when backward starts (checkpoint boundaries, logits);
+- temporaries: everything else (recomputed layers, dequantized weights, loss buffers).
+
+The peak is the maximum over time of total live bytes; `breakdown()` splits the storages
+alive at that moment. torch's own MemTracker is not used: it fails on frozen parameters.
+It sees what ops return, not scratch memory an op frees before returning, so an
+allocator's peak (CUDA) is a little higher; `profile.py` reports both.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+CATEGORIES = ("base_weights", "lora_params", "gradients", "optimizer_state", "activations", "temporaries")
+
+# Lower number wins: a parameter saved for backward is still a parameter.
+_PRIORITY = {c: i for i, c in enumerate(CATEGORIES)}
+
+
+@dataclass
+class MemoryBreakdown:
+    """Live bytes per category at the peak moment.
+
+    Args:
+        bytes (dict[str, int]): category -> bytes, keys as in CATEGORIES.
+        total (int): sum of `bytes`, the tracker's peak.
+        phase (str): the phase the peak happened in ("forward", "backward", "optimizer", ...).
+        step (int): the step the peak happened in (0-based).
+    """
+
+    bytes: dict = field(default_factory=lambda: {c: 0 for c in CATEGORIES})
+    total: int = 0
+    phase: str = ""
+    step: int = 0
+
+    def to_dict(self) -> dict:
+        return {"bytes": dict(self.bytes), "total": self.total, "phase": self.phase, "step": self.step}
+
+
+def quant_state_tensors(param) -> list[torch.Tensor]:
+    """The tensors of a bitsandbytes Params4bit's quant_state (absmax, code, nested state)."""
+    qs = getattr(param, "quant_state", None)
+    out = []
+    while qs is not None:
+        out += [t for t in (qs.absmax, qs.code, getattr(qs, "offset", None)) if torch.is_tensor(t)]
+        qs = getattr(qs, "state2", None)
+    return out
+
+
+def module_tensors(model: torch.nn.Module, lora_params=()) -> dict[str, list[torch.Tensor]]:
+    """Split a model's parameters and buffers into base_weights and lora_params.
+
+    Args:
+        model (nn.Module): the model.
+        lora_params (iterable[Tensor]): the adapter parameters; all other parameters,
+            buffers and bnb quantization constants count as base weights.
+    """
+    lora_ids = {id(p) for p in lora_params}
+    out = {"base_weights": [], "lora_params": []}
+    for p in model.parameters():
+        if id(p) in lora_ids:
+            out["lora_params"].append(p)
+        else:
+            out["base_weights"].append(p)
+            out["base_weights"] += quant_state_tensors(p)
+    out["base_weights"] += list(model.buffers())
+    return out
+
+
+class MemoryTracker(TorchDispatchMode):
+    """Track live tensor storage and its peak, by category (see the module docstring).
+
+    Use as a context manager around training steps; call `register` for existing
+    tensors first, `watch_optimizer` once, and `set_phase` as the step proceeds.
+
+    Args:
+        params (dict[str, list[Tensor]] | None): category -> tensors that already exist
+            (as from `module_tensors`). Default None.
+    """
+
+    def __init__(self, params: dict | None = None):
+        super().__init__()
+        self._serial_of = {}  # id(storage) -> serial, for live storages
+        self._live = {}  # serial -> nbytes
+        self._marks = {}  # serial -> category (strongest seen so far)
+        self._born = {}  # serial -> phase it was allocated in, while live
+        self.total = 0
+        self.peak = 0
+        self._peak_live = {}
+        self._peak_where = ("", 0)
+        self.phase = "setup"
+        self.step = 0
+        self._next = 0
+        self._hooks = None
+        self._grad_params = []
+        for cat, tensors in (params or {}).items():
+            self.register(tensors, cat)
+
+    # ------------------------------------------------------------ bookkeeping
+
+    def _track(self, t: torch.Tensor) -> int | None:
+        if not isinstance(t, torch.Tensor) or t.device.type == "meta":
+            return None
+        st = t.untyped_storage()
+        nbytes = st.nbytes()
+        key = id(st)
+        serial = self._serial_of.get(key)
+        if serial is None:
+            if nbytes == 0:
+                return None
+            serial = self._next
+            self._next += 1
+            self._serial_of[key] = serial
+            self._live[serial] = nbytes
+            self._born[serial] = self.phase
+            self.total += nbytes
+            weakref.finalize(st, self._free, key, serial)
+        elif self._live[serial] != nbytes:  # resized in place (out= ops)
+            self.total += nbytes - self._live[serial]
+            self._live[serial] = nbytes
+        if self.total > self.peak:
+            self.peak = self.total
+            self._peak_live = dict(self._live)
+            self._peak_where = (self.phase, self.step)
+        return serial
+
+    def _free(self, key: int, serial: int) -> None:
+        if self._serial_of.get(key) == serial:
+            del self._serial_of[key]
+        self.total -= self._live.pop(serial, 0)
+        self._born.pop(serial, None)
+
+    def _mark(self, t, category: str) -> None:
+        serial = self._track(t)
+        if serial is None:
+            return
+        old = self._marks.get(serial)
+        if old is None or _PRIORITY[category] < _PRIORITY[old]:
+            self._marks[serial] = category
+
+    def register(self, tensors, category: str) -> None:
+        """Record existing tensors (parameters, buffers, quant constants) under `category`."""
+        if category not in _PRIORITY:
+            raise ValueError(f"category must be one of {CATEGORIES}, got {category!r}")
+        for t in tensors:
+            self._mark(t, category)
+            if category in ("base_weights", "lora_params") and getattr(t, "requires_grad", False):
+                self._watch_grad(t)
+
+    def _watch_grad(self, p: torch.Tensor) -> None:
+        if isinstance(p, torch.nn.Parameter) and p.is_leaf:
+            self._grad_params.append(p)
+            p.register_post_accumulate_grad_hook(lambda q: self._mark(q.grad, "gradients"))
+
+    def watch_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """Mark the optimizer's state tensors (bnb paged buffers included) after each step."""
+
+        def post(opt, *_):
+            for state in opt.state.values():
+                for v in state.values():
+                    if torch.is_tensor(v):
+                        self._mark(v, "optimizer_state")
+
+        optimizer.register_step_post_hook(post)
+
+    def set_phase(self, phase: str, step: int | None = None) -> None:
+        """Name the part of the step that follows; entering "backward" turns the forward
+        pass's surviving storages into activations."""
+        if phase == "backward":
+            for serial, born in self._born.items():
+                if born == "forward" and serial not in self._marks:
+                    self._marks[serial] = "activations"
+        self.phase = phase
+        if step is not None:
+            self.step = step
+
+    def reset_peak(self) -> None:
+        """Start a new peak from what is live now."""
+        self.peak = self.total
+        self._peak_live = dict(self._live)
+        self._peak_where = (self.phase, self.step)
+
+    # ------------------------------------------------------------ results
+
+    def _split(self, live: dict) -> dict:
+        out = {c: 0 for c in CATEGORIES}
+        for serial, nbytes in live.items():
+            out[self._marks.get(serial, "temporaries")] += nbytes
+        return out
+
+    def breakdown(self) -> MemoryBreakdown:
+        """Bytes per category of the storages alive at the peak."""
+        b = self._split(self._peak_live)
+        return MemoryBreakdown(bytes=b, total=sum(b.values()), phase=self._peak_where[0], step=self._peak_where[1])
+
+    def current(self) -> MemoryBreakdown:
+        """Bytes per category alive now."""
+        for p in self._grad_params:  # grads assigned outside backward (e.g. by hand)
+            if p.grad is not None:
+                self._mark(p.grad, "gradients")
+        b = self._split(self._live)
+        return MemoryBreakdown(bytes=b, total=sum(b.values()), phase=self.phase, step=self.step)
+
+    # ------------------------------------------------------------ dispatch
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                self._track(t)
+        return out
+
+    def _pack(self, t):
+        self._mark(t, "activations")
+        return t
+
+    def __enter__(self):
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+        self._hooks.__enter__()
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        try:
+            return super().__exit__(*exc)
+        finally:
+            self._hooks.__exit__(*exc)
+            self._hooks = None
