@@ -92,5 +92,49 @@ def generate(source, adapter, prompt, chat, max_new_tokens, temperature, top_p, 
                                  raw=raw, **kwargs))
 
 
+@main.command()
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.option("--modes", default="qlora,lora,full", show_default=True, help="Comma-separated: qlora, lora, full.")
+@click.option("--steps", default=3, show_default=True, type=click.IntRange(min=1), help="Optimizer steps per mode.")
+@click.option("--seq-len", default=None, type=click.IntRange(min=2), help="Tokens per sample [recipe's data.max_seq_len].")
+@click.option("--batch-size", default=None, type=click.IntRange(min=1), help="[recipe's train.micro_batch_size]")
+@click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False),
+              help="Folder for report.md, report.json, memory.png [runs/profile].")
+@click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE", help="Override a recipe value.")
+def profile(recipe, modes, steps, seq_len, batch_size, out_dir, overrides):
+    """Measure peak memory by category for RECIPE in each mode (random tokens, real steps)."""
+    from .profile import parse_modes, profile_recipe
+    from .recipe import load_recipe
+
+    out_dir = out_dir or "runs/profile"
+    profile_recipe(load_recipe(recipe, overrides), parse_modes(modes), steps, seq_len, batch_size, out_dir,
+                   title=recipe, log=click.echo)
+    click.echo(f"wrote {out_dir}/report.md, report.json, memory.png")
+
+
+@main.command()
+@click.argument("model")
+@click.option("--seq-len", default=2048, show_default=True, type=click.IntRange(min=2))
+@click.option("--batch-size", default=1, show_default=True, type=click.IntRange(min=1))
+@click.option("--lora-r", default=16, show_default=True, type=click.IntRange(min=1))
+@click.option("--optimizer", default="paged_adamw_8bit", show_default=True,
+              type=click.Choice(["paged_adamw_8bit", "paged_adamw_32bit", "adamw_8bit", "adamw"]))
+@click.option("--loss-chunk-size", default=1024, show_default=True, type=click.IntRange(min=0))
+@click.option("--grad-accum", default=16, show_default=True, type=click.IntRange(min=1))
+@click.option("--gpu-mem", default=None, help="Card memory, e.g. 24GB: says what fits.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def estimate(model, seq_len, batch_size, lora_r, optimizer, loss_chunk_size, grad_accum, gpu_mem, as_json):
+    """Predict peak memory per mode for MODEL (a shipped name such as llama-2-7b, a folder,
+    a config.json, or a Hub id) from its architecture alone."""
+    import json as _json
+
+    from .estimate import Settings, estimate as run_estimate, format_table, parse_size
+
+    s = Settings(seq_len=seq_len, batch_size=batch_size, lora_r=lora_r, optimizer=optimizer,
+                 loss_chunk_size=loss_chunk_size, grad_accum=grad_accum)
+    result = run_estimate(model, s, parse_size(gpu_mem) if gpu_mem else None)
+    click.echo(_json.dumps(result, indent=2) if as_json else format_table(result))
+
+
 if __name__ == "__main__":
     main()
