@@ -21,6 +21,7 @@ from .batching import collate, plan_batches
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .data import IGNORE_INDEX, build_datasets
 from .errors import QloraError
+from .generate import generate_ids, stop_ids
 from .io import atomic_dir, atomic_write_json, atomic_write_text
 from .lora import attach_lora, lora_parameters, trainable_summary
 from .loss import causal_lm_loss
@@ -29,6 +30,7 @@ from .optim import build_optimizer, build_scheduler
 from .recipe import Recipe, save_recipe
 
 EXIT_INTERRUPTED = 130  # the shell's code for "stopped by SIGINT"
+DEMO_NEW_TOKENS = 24  # enough for the demo's one-line answers
 
 
 class NonFiniteLoss(QloraError):
@@ -103,7 +105,7 @@ def train(recipe: Recipe, resume: bool = False, demo: bool = False) -> dict:
         return eval_loss(model, eval_set, t.micro_batch_size, pad_id, t.loss_chunk_size, device, autocast,
                          t.eval_max_batches)
 
-    before = demo_snapshot(model, tokenizer, eval_set, evaluate, device) if demo and eval_set else None
+    before = demo_snapshot(model, tokenizer, eval_set, evaluate) if demo and eval_set else None
     stream = micro_batches(train_set, cfg, state["epoch"], state["batch_in_epoch"], pad_id, mask_dtype)
     interrupt = InterruptFlag()
     metrics_file = open(run_dir / "metrics.jsonl", "a")
@@ -118,9 +120,9 @@ def train(recipe: Recipe, resume: bool = False, demo: bool = False) -> dict:
             # Normalise by the trained tokens of the whole step so that gradient accumulation
             # weighs every token the same, whatever the micro-batch it landed in.
             batches = [next(stream) for _ in range(t.grad_accum)]
-            step_trained = sum(count_trained(b["labels"]) for _, _, b in batches)
+            step_trained = sum(count_trained(b["labels"]) for *_, b in batches)
             step_loss = 0.0
-            for _, _, batch in batches:
+            for *_, batch in batches:
                 batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
                 with autocast:
                     loss_sum, _ = causal_lm_loss(model, batch, t.loss_chunk_size)
@@ -135,9 +137,9 @@ def train(recipe: Recipe, resume: bool = False, demo: bool = False) -> dict:
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
 
-            epoch, index, _ = batches[-1]
+            epoch, index, _, _ = batches[-1]
             dt = time.perf_counter() - t0
-            tokens = sum(count_tokens(b) for _, _, b in batches)
+            tokens = sum(n for _, _, n, _ in batches)
             state.update(step=state["step"] + 1, epoch=epoch, batch_in_epoch=index + 1,
                          tokens=state["tokens"] + tokens, trained_tokens=state["trained_tokens"] + step_trained,
                          wall=state["wall"] + dt)
@@ -183,7 +185,7 @@ def train(recipe: Recipe, resume: bool = False, demo: bool = False) -> dict:
         "device": device,
     }
     if before is not None:
-        summary["demo"] = {"before": before, "after": demo_snapshot(model, tokenizer, eval_set, evaluate, device)}
+        summary["demo"] = {"before": before, "after": demo_snapshot(model, tokenizer, eval_set, evaluate)}
     atomic_write_json(run_dir / "summary.json", summary)
     return summary
 
@@ -225,26 +227,20 @@ def plan_epoch(samples, cfg: Recipe, epoch: int, shuffle: bool = True):
 
 
 def micro_batches(samples, cfg: Recipe, epoch: int, start: int, pad_id: int, mask_dtype: torch.dtype):
-    """(epoch, index, batch) forever, from data position (epoch, start): the same plan as an
+    """(epoch, index, tokens, batch) forever, from data position (epoch, start): the same plan as an
     uninterrupted run, so a resumed run sees exactly the batches it would have seen."""
     while True:
         plan = plan_epoch(samples, cfg, epoch)
         for index in range(start, len(plan)):
             rows = [[samples[i] for i in row] for row in plan[index]]
-            yield epoch, index, collate(rows, pad_id, mask_dtype=mask_dtype)
+            tokens = sum(len(s["input_ids"]) for row in rows for s in row)  # padding excluded
+            yield epoch, index, tokens, collate(rows, pad_id, mask_dtype=mask_dtype)
         epoch, start = epoch + 1, 0
 
 
 def count_trained(labels: torch.Tensor) -> int:
     """Tokens that carry a loss after the one-token shift."""
     return int((labels[:, 1:] != IGNORE_INDEX).sum())
-
-
-def count_tokens(batch: dict) -> int:
-    """Non-padding tokens of a batch."""
-    if "attention_mask" in batch and batch["attention_mask"].dim() == 2:
-        return int(batch["attention_mask"].sum())
-    return int(batch["input_ids"].numel())
 
 
 def clip_grad_norm(params, max_norm: float) -> float:
@@ -338,18 +334,21 @@ class InterruptFlag:
         signal.signal(signal.SIGINT, self._old)
 
 
-def demo_snapshot(model, tokenizer, samples, evaluate, device) -> dict:
+def demo_snapshot(model, tokenizer, samples, evaluate) -> dict:
     """Eval loss and a greedy generation for the first held-out prompt (for `run --demo`)."""
     sample = samples[0]
     first_trained = next(i for i, label in enumerate(sample["labels"]) if label != IGNORE_INDEX)
     prompt = sample["input_ids"][:first_trained]
-    ids = torch.tensor([prompt], device=device)
-    model.eval()
-    with torch.no_grad():
-        out = model.generate(ids, max_new_tokens=24, do_sample=False, use_cache=True,
-                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-    text = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
-    return {"eval_loss": evaluate(), "prompt": tokenizer.decode(prompt, skip_special_tokens=True), "generation": text}
+    new = generate_ids(model, torch.tensor([prompt]), max_new_tokens=DEMO_NEW_TOKENS,
+                       eos_token_id=stop_ids(model, tokenizer), pad_token_id=tokenizer.pad_token_id)
+    return {"eval_loss": evaluate(), "prompt": tokenizer.decode(prompt, skip_special_tokens=True),
+            "generation": tokenizer.decode(new, skip_special_tokens=True)}
+
+
+def prompt_gist(prompt: str) -> str:
+    """The instruction (and input) lines of a formatted prompt, without template headers."""
+    lines = [line.strip() for line in prompt.splitlines()]
+    return " / ".join(x for x in lines if x and not x.startswith(("###", "Below is an instruction")))
 
 
 def format_summary(s: dict) -> str:
@@ -366,6 +365,6 @@ def format_summary(s: dict) -> str:
     if "demo" in s:
         b, a = s["demo"]["before"], s["demo"]["after"]
         rows += [("eval before", f"{b['eval_loss']:.4f}"), ("eval after", f"{a['eval_loss']:.4f}"),
-                 ("prompt", b["prompt"].strip().splitlines()[-2] if "\n" in b["prompt"].strip() else b["prompt"]),
+                 ("prompt", prompt_gist(b["prompt"])),
                  ("gen before", repr(b["generation"])), ("gen after", repr(a["generation"]))]
     return "\n".join(f"{k:<12} {v}" for k, v in rows)
