@@ -5,8 +5,10 @@ bitsandbytes and torch store them. Activations follow the Llama-family decoder i
 transformers with non-reentrant gradient checkpointing: each layer's input is kept,
 and in backward one layer is recomputed; the per-token sizes of that recompute and of
 the loss were read off `MemoryTracker` runs (see tests/test_estimate.py) and are
-written here term by term. The peak is the largest of three moments: backward through
-the last layer, backward through the loss, and the optimizer step.
+written here term by term. The peak is the largest of a few moments: backward through
+the recomputed last layer and through its MLP's down projection (where bitsandbytes
+dequantizes a weight), backward through the loss or the lm_head gradients, and the
+optimizer step when gradients are not accumulated.
 """
 
 from __future__ import annotations
@@ -219,12 +221,12 @@ def estimate_mode(a: Arch, s: Settings, mode: str) -> dict:
     boundaries = (a.num_hidden_layers * BF16 * a.hidden_size + 2 * BF16 * a.head_dim + 8) * tokens + 8 * s.seq_len
     moments = {"backward (layer recompute)": (0, layer_recompute_per_token(a, s, mode) * tokens),
                "backward (loss)": loss_bytes(a, s, mode)}
-    if mode == "qlora":
-        # bitsandbytes dequantizes the whole bf16 weight for the input gradient; at short
-        # sequences the down projection's backward is the peak.
-        down = (6 * a.hidden_size + 2 * a.intermediate_size + 2 * s.lora_r) * tokens
-        moments["backward (4-bit dequantize)"] = (
-            0, moments["backward (layer recompute)"][1] - down + BF16 * a.hidden_size * a.intermediate_size)
+    if mode != "full":
+        # Backward through the MLP's down projection: gate/up outputs and their gradients are
+        # alive, and bitsandbytes dequantizes the whole bf16 weight for the input gradient.
+        down = (2 * a.intermediate_size - 4 * a.hidden_size - 2 * s.lora_r) * tokens
+        dequant = BF16 * a.hidden_size * a.intermediate_size if mode == "qlora" else 0
+        moments["backward (MLP down projection)"] = (0, moments["backward (layer recompute)"][1] + down + dequant)
     n = s.batch_size * (s.seq_len - 1)
     if mode == "full" and 0 < s.loss_chunk_size < n:
         # Each chunk makes its own lm_head weight gradient; autograd sums them pairwise.
@@ -307,7 +309,7 @@ def format_table(result: dict) -> str:
     if result["gpu_mem"]:
         g = gib(result["gpu_mem"])
         lines.append(f"| fits in {g} | " + " | ".join("yes" if result["modes"][m]["fits"] else "NO" for m in modes) + " |")
-        lines.append(f"| largest seq len (batch {s['batch_size']}) | "
+        lines.append(f"| largest seq len (batch {s['batch_size']}, max {result['arch']['max_position_embeddings']}) | "
                      + " | ".join(str(result["modes"][m]["max_seq_len"]) for m in modes) + " |")
         lines.append(f"| largest batch (seq {s['seq_len']}) | "
                      + " | ".join(str(result["modes"][m]["max_batch_size"]) for m in modes) + " |")

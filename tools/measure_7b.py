@@ -1,0 +1,175 @@
+"""Measure one QLoRA micro-batch of a Llama-2-7B-shaped model with random NF4 weights.
+
+    .venv/bin/python tools/measure_7b.py --seq-len 512            # CPU (minutes on 2 cores)
+    .venv/bin/python tools/measure_7b.py --seq-len 2048 --device cuda
+
+The model is built on the meta device and each linear is quantized from a random bf16
+weight of that layer only, so 13 GB of bf16 never exist. A warm-up micro-batch of a few
+tokens and one optimizer step create the optimizer state and leave gradients alive (as
+in micro-batches 2..grad_accum of a real step); the tracker's peak is then taken over one
+micro-batch at --seq-len and printed next to `qlora-lite estimate`'s prediction.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from qlora_lite.estimate import Settings, estimate_mode, load_arch  # noqa: E402
+from qlora_lite.lora import attach_lora, lora_parameters  # noqa: E402
+from qlora_lite.loss import causal_lm_loss  # noqa: E402
+from qlora_lite.memory import MemoryTracker, module_tensors  # noqa: E402
+from qlora_lite.model import enable_gradient_checkpointing  # noqa: E402
+from qlora_lite.optim import build_optimizer  # noqa: E402
+from qlora_lite.profile import gib  # noqa: E402
+from qlora_lite.recipe import LoraConfig  # noqa: E402
+
+WARMUP_TOKENS = 8
+
+
+def build_random_nf4(config_name: str, layers: int | None, device: str):
+    """A LlamaForCausalLM of `config_name`'s shape: NF4 linears, bf16 embeddings, frozen."""
+    import bitsandbytes as bnb
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    config = AutoConfig.from_pretrained(str(_config_path(config_name)))
+    if layers:
+        config.num_hidden_layers = layers
+    config.use_cache = False
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    gen = torch.Generator().manual_seed(0)
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, torch.nn.Linear) and child is not model.lm_head:
+                w = (torch.randn(child.out_features, child.in_features, generator=gen) * 0.02).to(torch.bfloat16)
+                q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=False, compute_dtype=torch.bfloat16,
+                                      compress_statistics=True, quant_type="nf4", device="cpu")
+                q.weight = bnb.nn.Params4bit(w, requires_grad=False, compress_statistics=True, quant_type="nf4")
+                setattr(module, child_name, q.to(device))  # quantizes; the bf16 weight is dropped here
+                del w
+    # What is left on meta: embeddings, lm_head, norms, rotary buffers.
+    h, v = config.hidden_size, config.vocab_size
+    model.model.embed_tokens.weight = torch.nn.Parameter(
+        (torch.randn(v, h, generator=gen) * 0.02).to(torch.bfloat16).to(device), requires_grad=False)
+    model.lm_head.weight = torch.nn.Parameter(
+        (torch.randn(v, h, generator=gen) * 0.02).to(torch.bfloat16).to(device), requires_grad=False)
+    for name, p in list(model.named_parameters()):
+        if p.is_meta:  # RMSNorm weights
+            mod_name, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(mod_name), attr,
+                    torch.nn.Parameter(torch.ones(p.shape, dtype=torch.bfloat16, device=device), requires_grad=False))
+    with torch.device(device):
+        model.model.rotary_emb = LlamaRotaryEmbedding(config)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def _config_path(name: str) -> Path:
+    from qlora_lite.estimate import CONFIG_DIR
+
+    p = CONFIG_DIR / f"{name}.json"
+    if not p.is_file():
+        raise SystemExit(f"unknown shipped config {name!r}")
+    tmp = Path("/tmp/qlora-lite-measure") / name
+    tmp.mkdir(parents=True, exist_ok=True)
+    (tmp / "config.json").write_text(p.read_text())
+    return tmp
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config", default="llama-2-7b")
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--batch-size", type=int, default=1)
+    ap.add_argument("--layers", type=int, default=None, help="fewer layers (a quick check of the tool)")
+    ap.add_argument("--lora-r", type=int, default=16)
+    ap.add_argument("--lora-dropout", type=float, default=0.05)
+    ap.add_argument("--optimizer", default="paged_adamw_8bit")
+    ap.add_argument("--loss-chunk-size", type=int, default=1024)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--out", default=None, help="write the result as JSON here")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    model = build_random_nf4(args.config, args.layers, args.device)
+    lora_cfg = LoraConfig(r=args.lora_r, alpha=2 * args.lora_r, dropout=args.lora_dropout)
+    torch.manual_seed(0)
+    attach_lora(model, lora_cfg)
+    enable_gradient_checkpointing(model)
+    model.train()
+    params = lora_parameters(model)
+    opt = build_optimizer(args.optimizer, params, 1e-4, 0.0)
+    built = time.perf_counter() - t0
+    print(f"built in {built:.0f} s", flush=True)
+
+    tracker = MemoryTracker(module_tensors(model, params))
+    tracker.watch_optimizer(opt)
+    vocab = model.config.vocab_size
+    gen = torch.Generator().manual_seed(0)
+
+    def micro_batch(seq_len: int) -> float:
+        ids = torch.randint(0, vocab, (args.batch_size, seq_len), generator=gen).to(args.device)
+        tracker.set_phase("forward")
+        loss_sum, n = causal_lm_loss(model, {"input_ids": ids, "labels": ids}, args.loss_chunk_size)
+        tracker.set_phase("backward")
+        (loss_sum / n).backward()
+        return float(loss_sum.detach()) / n
+
+    cuda = args.device.startswith("cuda")
+    with tracker:
+        micro_batch(WARMUP_TOKENS)
+        tracker.set_phase("optimizer")
+        opt.step()  # state exists from here; gradients stay, as between accumulated micro-batches
+        tracker.reset_peak()
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        t1 = time.perf_counter()
+        loss = micro_batch(args.seq_len)
+        step_s = time.perf_counter() - t1
+    peak = tracker.breakdown()
+    arch = load_arch(args.config)
+    if args.layers:
+        arch.num_hidden_layers = args.layers
+    settings = Settings(seq_len=args.seq_len, batch_size=args.batch_size, lora_r=args.lora_r,
+                        lora_dropout=args.lora_dropout, optimizer=args.optimizer,
+                        loss_chunk_size=args.loss_chunk_size, device="cuda" if cuda else "cpu")
+    predicted = estimate_mode(arch, settings, "qlora")
+    result = {
+        "config": args.config, "layers": arch.num_hidden_layers, "seq_len": args.seq_len,
+        "batch_size": args.batch_size, "device": args.device, "loss": loss,
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
+        "machine": f"{platform.machine()} {torch.get_num_threads()} threads, torch {torch.__version__}",
+        "build_s": round(built, 1), "micro_batch_s": round(step_s, 1),
+        "measured": peak.to_dict(), "predicted": predicted,
+        "error": predicted["total"] / peak.total - 1,
+    }
+    if cuda:
+        result["cuda_max_allocated"] = torch.cuda.max_memory_allocated()
+        result["cuda_max_reserved"] = torch.cuda.max_memory_reserved()
+    print(f"{args.config} ({arch.num_hidden_layers} layers) seq {args.seq_len}: measured peak {gib(peak.total)} "
+          f"({peak.phase}), predicted {gib(predicted['total'])} ({result['error']:+.1%}); "
+          f"micro-batch {step_s:.0f} s")
+    for c, n in peak.bytes.items():
+        print(f"  {c:16} measured {gib(n):>11}  predicted {gib(predicted['bytes'][c]):>11}")
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
