@@ -93,8 +93,8 @@ def measure_mode(recipe: Recipe, mode: str, steps: int = 3, seq_len: int = 256, 
                  device: str = "cpu", seed: int = 0) -> dict:
     """Train `steps` steps of `mode` on random tokens; return the peak breakdown.
 
-    Each step runs two micro-batches when the recipe accumulates gradients, so the peak
-    includes gradients held across micro-batches, as in `run`.
+    The last step runs two micro-batches when the recipe accumulates gradients, so the
+    peak includes optimizer state and gradients held across micro-batches, as in `run`.
 
     Args:
         recipe (Recipe): the recipe (model, lora, train.optimizer, train.loss_chunk_size).
@@ -127,15 +127,16 @@ def measure_mode(recipe: Recipe, mode: str, steps: int = 3, seq_len: int = 256, 
     losses = []
     with tracker:
         for step in range(steps):
-            for _ in range(micro):
+            # Only the last step needs a second micro-batch: earlier ones just create the state.
+            for _ in range(micro if step == steps - 1 else 1):
                 tracker.set_phase("forward", step)
                 ids = torch.randint(0, vocab, (batch_size, seq_len), generator=gen).to(device)
                 with autocast:
                     loss_sum, n = causal_lm_loss(model, {"input_ids": ids, "labels": ids}, tc.loss_chunk_size)
-                loss = loss_sum / (n * micro)
+                loss = loss_sum / n
                 tracker.set_phase("backward")
                 loss.backward()
-                losses.append(float(loss.detach()) * micro)
+                losses.append(float(loss.detach()))
                 del loss, ids
             tracker.set_phase("optimizer")
             if tc.max_grad_norm > 0:
@@ -181,7 +182,7 @@ def report_markdown(results: list[dict], title: str = "") -> str:
         p = r["peak"]
         lines += [f"## {r['mode']}: {r['description']}", "",
                   f"{r['device']}, seq {r['seq_len']}, batch {r['batch_size']}, {r['steps']} steps "
-                  f"({r['micro_batches_per_step']} micro-batch/step), {r['optimizer']}, "
+                  f"({r['micro_batches_per_step']} micro-batches in the last), {r['optimizer']}, "
                   f"{r['trainable_params']:,} trainable; peak in {p['phase']} of step {p['step']}.", "",
                   "| category | bytes | share |", "|---|---:|---:|"]
         for c in CATEGORIES:
