@@ -17,6 +17,27 @@ from .recipe import LoraConfig
 ADAPTER_PARAM_NAMES = ("lora_A.weight", "lora_B.weight")
 
 
+# Dropout masks on CPU cost the generator (mt19937), not the multiply: bernoulli_ draws once
+# per element. One 64-bit draw split into four 15-bit uniforms needs a quarter of the draws;
+# the drop probability is then p rounded to a multiple of 1/32768.
+_UNIFORM_BITS = 15
+
+
+class LoRADropout(nn.Dropout):
+    """nn.Dropout with a 4x cheaper mask on CPU; elsewhere (CUDA's philox is fast) nn.Dropout itself."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0 or x.device.type != "cpu":
+            return super().forward(x)
+        n = x.numel()
+        u = torch.empty((n + 3) // 4, dtype=torch.int64).random_().view(torch.int16)[:n]
+        # keep = (u >= threshold) as 0/1, in int16 arithmetic: bool tensors take slow paths.
+        threshold = round(self.p * 2**_UNIFORM_BITS)
+        keep = u.bitwise_and_(2**_UNIFORM_BITS - 1).sub_(threshold - 1).clamp_(0, 1).view(x.shape).to(x.dtype)
+        # The 1/(1-p) stays a Python float: in bf16 it would be off by 0.2%.
+        return x * keep * (1.0 / (1.0 - self.p))
+
+
 class LoRALinear(nn.Module):
     """y = base(x) + scale * B(A(dropout(x))), with A: r x d_in (kaiming), B: d_out x r (zeros).
 
@@ -37,7 +58,7 @@ class LoRALinear(nn.Module):
         self.r, self.alpha = r, alpha
         self.scale = alpha / (math.sqrt(r) if rslora else r)
         device = _module_device(base)
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout = LoRADropout(dropout) if dropout > 0 else nn.Identity()
         self.lora_A = nn.Linear(self.in_features, r, bias=False, device=device, dtype=dtype)
         self.lora_B = nn.Linear(r, self.out_features, bias=False, device=device, dtype=dtype)
         # Same init as PEFT/torchtune: B = 0 makes the adapted model start as the base.

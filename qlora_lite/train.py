@@ -17,6 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .adapter import save_adapter
+from .attention import use_packed_attention
 from .batching import collate, plan_batches
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .data import IGNORE_INDEX, build_datasets
@@ -82,6 +83,8 @@ def train(recipe: Recipe, resume: bool = False, demo: bool = False) -> dict:
     model = load_model(cfg.model, device)
     torch.manual_seed(t.seed)  # adapter init does not depend on what loading consumed
     attach_lora(model, cfg.lora)
+    if cfg.data.packing:
+        use_packed_attention(model)  # each packed sample attends only to itself, at its own cost
     print(trainable_summary(model))
     params = lora_parameters(model)
     optimizer = build_optimizer(t.optimizer, params, t.lr, t.weight_decay)
@@ -234,7 +237,9 @@ def micro_batches(samples, cfg: Recipe, epoch: int, start: int, pad_id: int, mas
         for index in range(start, len(plan)):
             rows = [[samples[i] for i in row] for row in plan[index]]
             tokens = sum(len(s["input_ids"]) for row in rows for s in row)  # padding excluded
-            yield epoch, index, tokens, collate(rows, pad_id, mask_dtype=mask_dtype)
+            # Packed rows need no [L, L] mask: the packed attention splits them where positions restart.
+            packed_mask = "position_ids" if cfg.data.packing else "4d"
+            yield epoch, index, tokens, collate(rows, pad_id, mask_dtype=mask_dtype, packed_mask=packed_mask)
         epoch, start = epoch + 1, 0
 
 

@@ -1,6 +1,7 @@
 """Side-by-side benchmark: qlora-lite against the Hugging Face QLoRA stack (transformers + peft + TRL).
 
-    .venv/bin/python tools/bench_peers.py --data ../shared/data/alpaca_5000.json [--pairs 3] [--json]
+    .venv/bin/python tools/bench_peers.py --data ../shared/data/alpaca_5000.json [--pairs 3] [--json > run.json]
+    .venv/bin/python tools/bench_peers.py --show run.json      # the table of a saved --json run
 
 Both stacks train the same random-init Llama (~58M parameters: hidden 512, 8 layers, vocab
 32000, written with a BPE tokenizer trained on the data into `--work-dir`) on the same rows,
@@ -174,7 +175,7 @@ def lite_worker(spec: dict) -> dict:
                   "quantization": {"bits": 4, "quant_type": "nf4", "double_quant": True, "compute_dtype": "bfloat16"}},
         "lora": {**LORA, "target_modules": "all-linear"},
         "data": {"path": spec["rows"], "format": "alpaca", "chat_template": "alpaca", "train_on": "responses",
-                 "max_seq_len": spec["max_seq_len"], "eval_split": 0.0},
+                 "max_seq_len": spec["max_seq_len"], "eval_split": 0.0, "packing": spec["packing"]},
         "train": {"seed": spec["seed"], "epochs": 1, "micro_batch_size": spec["batch"], "grad_accum": spec["accum"],
                   "lr": spec["lr"], "lr_scheduler": "constant", "warmup_steps": 0, "max_grad_norm": 1.0,
                   "optimizer": "paged_adamw_32bit", "weight_decay": 0.0, "log_every": 1, "eval_every": 0,
@@ -203,6 +204,8 @@ def worker_main(side: str, spec_file: str) -> None:
     import torch
 
     spec = json.loads(Path(spec_file).read_text())
+    if spec["threads"]:
+        torch.set_num_threads(spec["threads"])
     t0 = time.perf_counter()
     result = (reference_worker if side == "reference" else lite_worker)(spec)
     result["wall_s"] = time.perf_counter() - t0
@@ -220,6 +223,8 @@ def run_side(side: str, spec: dict, quiet: bool) -> dict:
     (out / "spec.json").write_text(json.dumps(spec))
     env = {**os.environ, "QLORA_LITE_CACHE": str(Path(spec["work_dir"]) / "cache"),
            "TOKENIZERS_PARALLELISM": "false", "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1"}
+    if spec["threads"]:
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(spec["threads"])
     log = open(out / "log.txt", "w")
     cmd = [sys.executable, __file__, "--worker", side, str(out / "spec.json")]
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
@@ -288,17 +293,22 @@ def summarise(results: list[dict]) -> dict:
 def main(argv=None) -> None:
     if argv is None and len(sys.argv) > 1 and sys.argv[1] == "--worker":
         return worker_main(sys.argv[2], sys.argv[3])
+    if argv is None and len(sys.argv) > 2 and sys.argv[1] == "--show":
+        return print_saved(sys.argv[2])
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "alpaca_5000.json"),
                     help="Alpaca JSON file (trains the tokenizer; its first --rows rows are trained on).")
     ap.add_argument("--work-dir", default="/tmp/qlora-lite-bench", help="Scratch folder: model, rows, runs.")
     ap.add_argument("--pairs", type=int, default=3, help="Reference/qlora-lite pairs (seeds 0..pairs-1).")
-    ap.add_argument("--rows", type=int, default=256, help="Rows trained on, one epoch.")
+    ap.add_argument("--rows", type=int, default=64, help="Rows trained on, one epoch.")
     ap.add_argument("--max-seq-len", type=int, default=512)
     ap.add_argument("--batch", type=int, default=4, help="Micro-batch (rows per forward) of the reference.")
     ap.add_argument("--accum", type=int, default=1, help="Gradient accumulation, both sides.")
+    ap.add_argument("--no-packing", action="store_true",
+                    help="Run qlora-lite unpacked (length-grouped batches of --batch rows) instead of packed.")
     ap.add_argument("--lite-batch", type=int, default=None,
-                    help="qlora-lite micro-batch; default --batch (set it lower when packing).")
+                    help="qlora-lite micro-batch: default 1 packed row of max-seq-len tokens (about as many "
+                         "tokens per step as --batch padded alpaca rows), or --batch with --no-packing.")
     ap.add_argument("--lite-set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                     help="Extra recipe override for the qlora-lite side (repeatable).")
     ap.add_argument("--lr", type=float, default=2e-4)
@@ -306,40 +316,69 @@ def main(argv=None) -> None:
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    ap.add_argument("--threads", type=int, default=None,
+                    help="CPU threads per run (default: torch's, one per core). On a shared, loaded machine 1 "
+                         "keeps OpenMP barriers from stalling and the two sides comparable.")
     ap.add_argument("--only", choices=SIDES, default=None, help="Run one side only (profiling).")
     ap.add_argument("--json", action="store_true", help="Print one JSON object instead of the table.")
     args = ap.parse_args(argv)
+    if not Path(args.data).is_file():
+        ap.error(f"--data {args.data!r} is not a file; pass the Alpaca JSON (e.g. ../shared/data/alpaca_5000.json).")
 
     import torch
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     model_dir, rows_file = prepare(args)
     base = {"model": str(model_dir), "rows": str(rows_file), "max_seq_len": args.max_seq_len, "accum": args.accum,
-            "lr": args.lr, "device": device, "work_dir": str(args.work_dir)}
+            "lr": args.lr, "device": device, "work_dir": str(args.work_dir), "threads": args.threads}
     stamp = time.strftime("%Y%m%d-%H%M%S")
+    load_before = os.getloadavg()[0]
     results = []
     if not args.json:
         print(HEADER, flush=True)
     for seed in range(args.pairs):
         for side in ([args.only] if args.only else SIDES):
-            batch = args.batch if side == "reference" else (args.lite_batch or args.batch)
-            spec = {**base, "seed": seed, "batch": batch, "lite_set": args.lite_set,
+            batch = args.batch if side == "reference" else (args.lite_batch or (args.batch if args.no_packing else 1))
+            spec = {**base, "seed": seed, "batch": batch, "packing": not args.no_packing, "lite_set": args.lite_set,
                     "out": str(Path(args.work_dir) / "runs" / stamp / f"{seed}-{side}")}
             results.append(run_side(side, spec, quiet=args.json))
     if args.only:
         return
     s = summarise(results)
+    s["load_average"] = [load_before, os.getloadavg()[0]]  # other processes on the machine skew tokens/s
+    report = {"device": device, "threads": args.threads or torch.get_num_threads(), "args": vars(args),
+              "runs": results, "summary": s}
     if args.json:
-        print(json.dumps({"device": device, "args": vars(args), "runs": results, "summary": s}, indent=1))
-        return
+        print(json.dumps(report, indent=1))
+    else:
+        print(format_footer(report))
+
+
+def format_footer(report: dict) -> str:
+    """Medians, the conditions, and (last line) the qlora-lite/reference ratios."""
+    s, lines = report["summary"], []
     for side in SIDES:
         m = s[side]
-        print(f"{'median ' + side:<23}{m['tokens']:>9}{m['tokens_per_s']:>9.1f}{m['peak_rss_bytes'] / 2**20:>13.0f}"
-              f"{'':>9}{m['loss_at_tokens']:>9.4f}  (loss spread over seeds {m['loss_spread']:.4f})")
+        cuda = f"{m['peak_memory_bytes'] / 2**20:.0f}" if report["device"] == "cuda" else "-"
+        lines.append(f"{'median ' + side:<23}{m['tokens']:>9}{m['tokens_per_s']:>9.1f}"
+                     f"{m['peak_rss_bytes'] / 2**20:>13.0f}{cuda:>9}{m['loss_at_tokens']:>9.4f}"
+                     f"  (loss spread over seeds {m['loss_spread']:.4f})")
+    threads = report.get("threads") or report["args"].get("threads")
+    lines.append(f"device {report['device']}, threads {threads}, 1-min load average "
+                 f"{s['load_average'][0]:.1f} at start, {s['load_average'][1]:.1f} at end")
     r = s["ratios"]
-    print(f"qlora-lite/reference: tokens/s {r['tokens_per_s']:.2f}x, peak memory {r['peak_memory']:.2f}x, "
-          f"loss@T {r['loss_delta']:+.4f}")
+    lines.append(f"qlora-lite/reference: tokens/s {r['tokens_per_s']:.2f}x, peak memory {r['peak_memory']:.2f}x, "
+                 f"loss@T {r['loss_delta']:+.4f}")
+    return "\n".join(lines)
 
+
+def print_saved(path: str) -> None:
+    """The table of a saved `--json` run."""
+    report = json.loads(Path(path).read_text())
+    print(HEADER)
+    for r in report["runs"]:
+        print(format_row(r))
+    print(format_footer(report))
 
 if __name__ == "__main__":
     main()

@@ -1,0 +1,105 @@
+"""Attention for packed rows at the cost of their samples, not of the row.
+
+A packed row of n samples under one [L, L] block-diagonal mask pays for L^2 scores, most of
+them masked out, and the masked kernel is the slow one. In training, `packed_sdpa` splits each
+row where its position_ids restart at 0 and runs causal SDPA on every sample's own slice:
+sum(n_i^2) work and no mask, the same result (what flash-attention's varlen kernel does on a
+GPU). Right padding needs no mask either: causal attention never looks ahead, and padded
+positions carry no loss.
+
+Outside training (eval, generation with a cache or left padding) it is plain SDPA with the
+mask transformers builds, so `use_packed_attention(model)` is safe to leave on.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+PACKED_ATTENTION = "qlora_lite_packed"
+# Up to this many tokens per sample, attention on CPU is faster as matmul + softmax than
+# through the SDPA kernel (measured on AVX-512 bf16, 8 heads of 64); the fp32 scores it
+# holds are H * n^2 * 4 bytes, 8 MB at 512.
+CPU_MATMUL_ATTENTION_MAX = 512
+
+
+def sample_bounds(position_ids: torch.Tensor) -> list[list[tuple[int, int]]]:
+    """Per row, the (start, end) of each sample: a sample starts where its position is 0.
+
+    Args:
+        position_ids (Tensor): [B, L] positions restarting at 0 for each packed sample.
+    """
+    out = []
+    for row in position_ids.tolist():
+        starts = [i for i, p in enumerate(row) if p == 0 or i == 0]
+        out.append(list(zip(starts, starts[1:] + [len(row)])))
+    return out
+
+
+# Every layer of one forward (and its recompute under checkpointing) gets the same
+# position_ids tensor; reading it once avoids a host sync per layer on CUDA. Holding the
+# tensor keeps its id from being reused by another one.
+_last: tuple[torch.Tensor | None, list] = (None, [])
+
+
+def _bounds(position_ids: torch.Tensor) -> list[list[tuple[int, int]]]:
+    global _last
+    if _last[0] is not position_ids:
+        _last = (position_ids, sample_bounds(position_ids))
+    return _last[1]
+
+
+def causal_attention(q, k, v, dropout: float = 0.0, scale: float | None = None) -> torch.Tensor:
+    """Causal attention of one sample: [1, H, n, D] each -> [1, H, n, D].
+
+    On CPU the SDPA kernel is 2-3x slower than two matmuls and a softmax for short samples
+    (it is tuned for long ones), so those take the plain path, softmax in fp32 as in eager.
+    """
+    n = q.shape[2]
+    if q.device.type != "cpu" or n > CPU_MATMUL_ATTENTION_MAX or dropout > 0:
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=scale)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * (q.shape[-1] ** -0.5 if scale is None else scale)
+    future = torch.ones(n, n, dtype=torch.bool, device=q.device).triu_(1)
+    probs = torch.softmax(scores.float().masked_fill_(future, float("-inf")), dim=-1)
+    return torch.matmul(probs.to(q.dtype), v)
+
+
+def packed_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
+                position_ids=None, **kwargs):
+    """An AttentionInterface function: per-sample causal SDPA in training, plain SDPA otherwise.
+
+    Args:
+        module: the attention module (for `training` and `num_key_value_groups`).
+        query (Tensor): [B, H, L, D]. key, value (Tensor): [B, H_kv, L, D].
+        attention_mask (Tensor | None): transformers' mask, used outside training.
+        dropout (float): attention dropout. scaling (float | None): softmax scale.
+        position_ids (Tensor | None): [B, L], restarting at 0 for each packed sample.
+
+    Returns: ([B, L, H, D] attention output, None)
+    """
+    from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+
+    same_length = query.shape[2] == key.shape[2]
+    if not (module.training and position_ids is not None and same_length):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, position_ids=position_ids, **kwargs)
+    groups = getattr(module, "num_key_value_groups", 1)
+    key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+    rows = []
+    for b, spans in enumerate(_bounds(position_ids)):
+        parts = [causal_attention(query[b:b + 1, :, s:e], key[b:b + 1, :, s:e], value[b:b + 1, :, s:e],
+                                  dropout, scaling) for s, e in spans]
+        rows.append(parts[0] if len(parts) == 1 else torch.cat(parts, dim=2))
+    out = rows[0] if len(rows) == 1 else torch.cat(rows, dim=0)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def use_packed_attention(model) -> None:
+    """Register `packed_sdpa` with transformers and switch `model` to it (eval/generate unchanged)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    AttentionInterface.register(PACKED_ATTENTION, packed_sdpa)
+    # The mask transformers builds for SDPA is what the non-training path needs.
+    ALL_MASK_ATTENTION_FUNCTIONS.register(PACKED_ATTENTION, sdpa_mask)
+    model.set_attn_implementation(PACKED_ATTENTION)
