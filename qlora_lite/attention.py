@@ -2,7 +2,7 @@
 
 A packed row of n samples under one [L, L] block-diagonal mask pays for L^2 scores, most of
 them masked out, and the masked kernel is the slow one. In training, `packed_sdpa` splits each
-row where its position_ids restart at 0 and runs causal SDPA on every sample's own slice:
+row where its position_ids restart at 0 and runs causal attention on each sample's own slice:
 sum(n_i^2) work and no mask, the same result (what flash-attention's varlen kernel does on a
 GPU). Right padding needs no mask either: causal attention never looks ahead, and padded
 positions carry no loss.
