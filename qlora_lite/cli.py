@@ -30,13 +30,16 @@ def main():
 @click.argument("recipe", type=click.Path(dir_okay=False))
 @click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE", help="Override a recipe value.")
 @click.option("--resume", is_flag=True, help="Continue from the newest complete checkpoint in the run folder.")
+@click.option("--overwrite", is_flag=True, help="Delete a previous run in output.dir and start fresh.")
 @click.option("--demo", is_flag=True, help="Also show eval loss and a generation before vs after training.")
-def run(recipe, overrides, resume, demo):
+def run(recipe, overrides, resume, overwrite, demo):
     """Fine-tune with RECIPE (a YAML file)."""
     from .recipe import load_recipe
     from .train import run_recipe
 
-    sys.exit(run_recipe(load_recipe(recipe, overrides), resume=resume, demo=demo))
+    if resume and overwrite:
+        raise click.UsageError("--resume and --overwrite exclude each other.")
+    sys.exit(run_recipe(load_recipe(recipe, overrides), resume=resume, overwrite=overwrite, demo=demo))
 
 
 @main.command()

@@ -8,6 +8,7 @@ import json
 import math
 import random
 import resource
+import shutil
 import signal
 import sys
 import time
@@ -42,10 +43,10 @@ class Interrupted(Exception):
     """Ctrl-C: a checkpoint was saved at the last finished step."""
 
 
-def run_recipe(recipe: Recipe, resume: bool = False, demo: bool = False) -> int:
+def run_recipe(recipe: Recipe, resume: bool = False, overwrite: bool = False, demo: bool = False) -> int:
     """CLI entry: train, print the summary table, return the process exit status."""
     try:
-        summary = train(recipe, resume=resume, demo=demo)
+        summary = train(recipe, resume=resume, overwrite=overwrite, demo=demo)
     except Interrupted as e:
         print(f"\ninterrupted: {e}; resume with --resume", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -56,19 +57,20 @@ def run_recipe(recipe: Recipe, resume: bool = False, demo: bool = False) -> int:
     return 0
 
 
-def train(recipe: Recipe, resume: bool = False, demo: bool = False) -> dict:
+def train(recipe: Recipe, resume: bool = False, overwrite: bool = False, demo: bool = False) -> dict:
     """Fine-tune the recipe's model; returns the run summary (also in <output>/summary.json).
 
     Args:
         recipe (Recipe): a validated recipe.
         resume (bool): continue from the newest complete checkpoint. Default False.
+        overwrite (bool): delete a previous run in the output folder first. Default False.
         demo (bool): print eval loss and a generation before and after training. Default False.
     """
     cfg, t = recipe, recipe.train
     if cfg.data is None:
         raise QloraError("The recipe has no `data` section; add `data: {path: ...}`.")
     run_dir = Path(cfg.output.dir)
-    prepare_run_dir(run_dir, resume)
+    prepare_run_dir(run_dir, resume, overwrite)
     save_recipe(cfg, run_dir / "recipe.yaml")
     seed_everything(t.seed)
     device = pick_device(t.device)
@@ -196,7 +198,9 @@ def train(recipe: Recipe, resume: bool = False, demo: bool = False) -> dict:
 # ---------------------------------------------------------------- pieces of the loop
 
 
-def prepare_run_dir(run_dir: Path, resume: bool) -> None:
+def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool = False) -> None:
+    if overwrite and run_dir.exists():
+        shutil.rmtree(run_dir)
     if resume:
         if latest_checkpoint(run_dir) is None:
             raise QloraError(f"--resume: no checkpoint in {str(run_dir / 'checkpoints')!r}; "
@@ -204,7 +208,7 @@ def prepare_run_dir(run_dir: Path, resume: bool) -> None:
         return
     if (run_dir / "checkpoints").exists() or (run_dir / "adapter").exists():
         raise QloraError(f"Output folder {str(run_dir)!r} already holds a run; pass --resume to continue it, "
-                         "or set output.dir (e.g. --set output.dir=runs/new) to start another.")
+                         "--overwrite to replace it, or --set output.dir=runs/new to start another.")
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "metrics.jsonl").unlink(missing_ok=True)
 
