@@ -344,7 +344,7 @@ class InterruptFlag:
 
 
 def demo_snapshot(model, tokenizer, samples, evaluate) -> dict:
-    """Eval loss and a greedy generation for the first held-out prompt (for `run --demo`)."""
+    """Eval loss and a greedy generation for the first eval prompt (for `run --demo`)."""
     sample = samples[0]
     first_trained = next(i for i, label in enumerate(sample["labels"]) if label != IGNORE_INDEX)
     prompt = sample["input_ids"][:first_trained]
