@@ -138,7 +138,6 @@ class DataConfig:
         packing (bool): pack several samples per row, attention kept within each sample.
             Default False.
         group_by_length (bool): batch samples of similar length (non-packed). Default True.
-        num_proc (int): processes for tokenizing. Default 1.
     """
 
     path: str = ""
@@ -153,7 +152,6 @@ class DataConfig:
     max_samples: int | None = None
     packing: bool = False
     group_by_length: bool = True
-    num_proc: int = 1
 
     def __post_init__(self):
         if not self.path:
@@ -165,7 +163,6 @@ class DataConfig:
             raise RecipeError(f"data.eval_split must be in [0, 1), got {self.eval_split!r}.")
         if self.max_samples is not None:
             _check_positive("data.max_samples", self.max_samples)
-        _check_positive("data.num_proc", self.num_proc)
 
 
 @dataclass
