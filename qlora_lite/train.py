@@ -162,12 +162,10 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False, demo: b
             if eval_set and t.eval_every and state["step"] % t.eval_every == 0 and state["step"] != total_steps:
                 last_eval = log_eval(metrics_file, bar, state["step"], evaluate())
                 model.train()
-            if t.save_every and state["step"] % t.save_every == 0:
+            if (t.save_every and state["step"] % t.save_every == 0) or interrupt.requested:
                 save_checkpoint(run_dir, model, cfg.lora, cfg.model.name_or_path, optimizer, scheduler,
                                 state, t.keep_last)
             if interrupt.requested:
-                save_checkpoint(run_dir, model, cfg.lora, cfg.model.name_or_path, optimizer, scheduler,
-                                state, t.keep_last)
                 raise Interrupted(f"checkpoint saved at step {state['step']}")
 
         if eval_set:
@@ -178,7 +176,7 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False, demo: b
         adapter_bytes = save_adapter(model, tmp, cfg.lora, cfg.model.name_or_path)
     summary = {
         "steps": state["step"],
-        "train_loss": window_free_last_loss(run_dir / "metrics.jsonl"),
+        "train_loss": last_logged_loss(run_dir / "metrics.jsonl"),
         "eval_loss": last_eval,
         "eval_perplexity": math.exp(last_eval) if last_eval is not None else None,
         "tokens": state["tokens"],
@@ -315,7 +313,7 @@ def truncate_metrics(path: Path, step: int) -> None:
     atomic_write_text(path, "".join(line + "\n" for line in keep))
 
 
-def window_free_last_loss(path: Path) -> float | None:
+def last_logged_loss(path: Path) -> float | None:
     losses = [json.loads(line).get("loss") for line in path.read_text().splitlines() if line.strip()]
     losses = [x for x in losses if x is not None]
     return losses[-1] if losses else None
