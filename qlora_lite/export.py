@@ -34,12 +34,6 @@ SINGLE_NAME = "model.safetensors"
 # Decimal units like Hugging Face's `max_shard_size` ("2GB" = 2e9 bytes); binary with "iB".
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-VERIFY_PROMPTS = (
-    "The capital of France is",
-    "Write a short poem about the sea.",
-    "def fibonacci(n):",
-)
-VERIFY_NEW_TOKENS = 8  # enough to see greedy paths diverge, cheap on CPU
 
 
 @dataclass
@@ -298,6 +292,8 @@ def export_model(source: str | Path, out: str | Path, dtype: str = "bf16", base:
             info.update(shards=len(names), total_bytes=total, seconds=round(time.perf_counter() - t0, 1),
                         date=datetime.datetime.now().isoformat(timespec="seconds"))
             if verify:
+                from .verify import verify_export
+
                 info["verify"] = verify_export(tmp, src)
             atomic_write_text(tmp / "EXPORT.md", export_card(info))
     return info
@@ -383,53 +379,3 @@ def export_card(info: dict) -> str:
                   f"- argmax agreement: {v['argmax_agreement']:.3f}; greedy tokens agree: {v['greedy_agree']}"]
     lines += ["", "Load with `AutoModelForCausalLM.from_pretrained(<this folder>)`; no bitsandbytes needed.", ""]
     return "\n".join(lines)
-
-
-# ---------------------------------------------------------------- verify
-
-
-def verify_export(export_dir: str | Path, src: ExportSource, prompts=VERIFY_PROMPTS,
-                  new_tokens: int = VERIFY_NEW_TOKENS) -> dict:
-    """Logit differences and greedy agreement: plain-transformers export vs 4-bit base + adapter.
-
-    Args:
-        export_dir (str | Path): the exported folder.
-        src (ExportSource): the base and adapter it came from.
-        prompts (tuple[str]): prompts to compare on. Default VERIFY_PROMPTS.
-        new_tokens (int): greedy tokens generated per prompt. Default VERIFY_NEW_TOKENS.
-    """
-    from transformers import AutoModelForCausalLM
-
-    from .adapter import load_adapter
-    from .generate import greedy_ids
-    from .model import load_model
-
-    exported = AutoModelForCausalLM.from_pretrained(str(export_dir), dtype="auto").eval()
-    ref = load_model(replace(src.model, gradient_checkpointing=False))
-    load_adapter(ref, src.adapter_dir)
-    ref.eval()
-    diffs, agree, greedy_ok, n_pos, scale = [], 0, True, 0, 0.0
-    for ids in _verify_inputs(export_dir, exported.config.vocab_size, prompts):
-        with torch.no_grad():
-            a = exported(input_ids=ids).logits.float()
-            b = ref(input_ids=ids).logits.float()
-        diffs.append((a - b).abs().flatten())
-        scale = max(scale, b.abs().max().item())
-        agree += int((a.argmax(-1) == b.argmax(-1)).sum())
-        n_pos += ids.shape[1]
-        greedy_ok &= torch.equal(greedy_ids(exported, ids, new_tokens), greedy_ids(ref, ids, new_tokens))
-    d = torch.cat(diffs)
-    return {"max_abs_logit_diff": d.max().item(), "mean_abs_logit_diff": d.mean().item(), "max_abs_logit": scale,
-            "argmax_agreement": agree / n_pos, "greedy_agree": bool(greedy_ok), "prompts": len(prompts)}
-
-
-def _verify_inputs(export_dir, vocab_size: int, prompts) -> list[torch.Tensor]:
-    """Tokenized prompts, or seeded random ids when the model has no tokenizer."""
-    from transformers import AutoTokenizer
-
-    try:
-        tok = AutoTokenizer.from_pretrained(str(export_dir))
-    except (OSError, ValueError, TypeError):
-        g = torch.Generator().manual_seed(0)
-        return [torch.randint(3, vocab_size, (1, 12), generator=g) for _ in prompts]
-    return [tok(p, return_tensors="pt")["input_ids"] for p in prompts]

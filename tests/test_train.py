@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from qlora_lite.checkpoint import checkpoint_dirs
 from qlora_lite.errors import QloraError
@@ -128,7 +127,7 @@ def test_ctrl_c_saves_a_checkpoint_exits_130_and_resumes(data_file, tmp_path):
     p = cli("run", recipe, "--resume", "--set", f"train.max_steps={step + 2}")
     out = p.stdout.read()
     assert p.wait(timeout=300) == 0, out
-    assert f"resumed from" in out and json.loads((tmp_path / "r/summary.json").read_text())["steps"] == step + 2
+    assert "resumed from" in out and json.loads((tmp_path / "r/summary.json").read_text())["steps"] == step + 2
 
 
 def test_cli_end_to_end_and_clear_errors(data_file, tmp_path):
