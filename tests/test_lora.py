@@ -116,8 +116,11 @@ def peft_model(path, lora: LoraConfig):
 
     from qlora_lite.model import bnb_config
 
+    from qlora_lite.model import disable_cpu_weight_packing
+
     base = AutoModelForCausalLM.from_pretrained(path, quantization_config=bnb_config(QuantizationConfig()),
                                                 device_map="cpu", dtype=torch.bfloat16)
+    disable_cpu_weight_packing(base)  # both sides on bitsandbytes' training kernel
     pm = peft.get_peft_model(base, peft.LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=0.0,
                                                    target_modules="all-linear", task_type="CAUSAL_LM"))
     return pm
@@ -243,3 +246,17 @@ def test_eval_forward_does_not_repack_the_trained_weights(tiny_llama):
     for n, p in m.named_parameters():
         if p.requires_grad:
             assert torch.equal(p.grad, g0[n]), n
+
+
+def test_with_fp32_adapters_our_logits_equal_peft_exactly(tiny_llama):
+    """peft keeps adapters in fp32 by default; given fp32 adapters we compute bit for bit what it
+    computes, so the bf16-tolerance gap above is the adapter dtype alone, not the math."""
+    lora = LoraConfig(r=8, alpha=16, dropout=0.0)
+    ours = load_model(ModelConfig(name_or_path=tiny_llama, gradient_checkpointing=False))
+    attach_lora(ours, lora, dtype=torch.float32)
+    randomize_b(ours)
+    pm = peft_model(tiny_llama, lora)
+    copy_ours_into_peft(ours, pm)
+    x = tokens()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x).logits, pm(input_ids=x).logits, atol=0, rtol=0)
