@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
+
+# On CPU bitsandbytes keeps paged state in ordinary memory and warns on every parameter; the
+# recipe stays portable (the same paged optimizer pages on CUDA), so the warning is noise here.
+warnings.filterwarnings("ignore", message="Paged optimizers are not supported on CPU")
 
 
 def build_optimizer(name: str, params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
