@@ -12,9 +12,9 @@ if TYPE_CHECKING:
     from .export import ExportSource
 
 VERIFY_PROMPTS = (
-    "The capital of France is",
+    "What is the capital of France?",
     "Write a short poem about the sea.",
-    "def fibonacci(n):",
+    "Give three tips for staying healthy.",
 )
 VERIFY_NEW_TOKENS = 8  # enough to see greedy paths diverge, cheap on CPU
 
@@ -58,9 +58,13 @@ def _verify_inputs(export_dir, vocab_size: int, prompts) -> list[torch.Tensor]:
     """Tokenized prompts, or seeded random ids when the model has no tokenizer."""
     from transformers import AutoTokenizer
 
+    from .generate import prompt_to_ids
+
     try:
         tok = AutoTokenizer.from_pretrained(str(export_dir))
     except (OSError, ValueError, TypeError):
         g = torch.Generator().manual_seed(0)
         return [torch.randint(3, vocab_size, (1, 12), generator=g) for _ in prompts]
-    return [tok(p, return_tensors="pt")["input_ids"] for p in prompts]
+    # Formatted as in training (the export's tokenizer carries the prompt format), so the
+    # greedy answers compared are the ones users will ask for, not continuations of raw text.
+    return [torch.tensor([prompt_to_ids(tok, p)]) for p in prompts]
