@@ -59,6 +59,27 @@ def causal_lm_loss(model, batch: dict, chunk_size: int) -> tuple[torch.Tensor, i
         chunk_size (int): see `chunked_cross_entropy`.
     """
     inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")}
+    if not plain_linear_head(model):
+        # The model shapes its logits (a head bias, soft-capping, scaling): let it, then score.
+        logits = model(**inputs, use_cache=False).logits
+        target = batch["labels"][:, 1:].reshape(-1)
+        n = int((target != IGNORE_INDEX).sum())
+        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), target,
+                               ignore_index=IGNORE_INDEX, reduction="sum")
+        return loss, n
     out = model.get_decoder()(**inputs, use_cache=False)
     return chunked_cross_entropy(out.last_hidden_state, model.get_output_embeddings().weight,
                                  batch["labels"], chunk_size)
+
+
+# Config fields with which a model's logits are more than hidden @ lm_head.weight.T.
+LOGIT_TRANSFORMS = ("final_logit_softcapping", "logits_scaling", "logit_scale")
+
+
+def plain_linear_head(model) -> bool:
+    """True when logits = hidden @ W.T exactly, so the chunked loss computes the model's loss."""
+    head = model.get_output_embeddings()
+    if getattr(head, "bias", None) is not None:
+        return False
+    cfg = getattr(model.config, "get_text_config", lambda: model.config)()
+    return all(getattr(cfg, k, None) in (None, 1, 1.0) for k in LOGIT_TRANSFORMS)

@@ -43,3 +43,37 @@ def test_no_trained_token_gives_zero_with_grad():
     hidden = torch.randn(1, 4, 8, requires_grad=True)
     s, n = chunked_cross_entropy(hidden, torch.randn(10, 8), torch.full((1, 4), IGNORE_INDEX))
     assert n == 0 and s.item() == 0.0 and s.requires_grad
+
+
+@pytest.mark.parametrize("arch", ["phi", "gemma2", "granite"])
+def test_models_that_shape_their_logits_get_their_own_loss(arch, tmp_path):
+    """A head bias (Phi), soft-capping (Gemma-2) or logit scaling (Granite) is not hidden @ W.T:
+    the loss must be the model's own, not the chunked shortcut's."""
+    import transformers
+
+    from qlora_lite.loss import plain_linear_head
+
+    cfg_cls, model_cls = {
+        "phi": (transformers.PhiConfig, transformers.PhiForCausalLM),
+        "gemma2": (transformers.Gemma2Config, transformers.Gemma2ForCausalLM),
+        "granite": (transformers.GraniteConfig, transformers.GraniteForCausalLM),
+    }[arch]
+    extra = {"logits_scaling": 8.0} if arch == "granite" else {}
+    cfg = cfg_cls(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                  num_key_value_heads=4, head_dim=8, max_position_embeddings=64, **extra)
+    torch.manual_seed(0)
+    m = model_cls(cfg).float()
+    assert not plain_linear_head(m)
+    x = torch.randint(3, 128, (2, 10), generator=torch.Generator().manual_seed(2))
+    labels = x.clone()
+    labels[:, :3] = IGNORE_INDEX
+    s, n = causal_lm_loss(m, {"input_ids": x, "labels": labels}, chunk_size=4)
+    torch.testing.assert_close(s / n, m(input_ids=x, labels=labels).loss)
+
+
+def test_llama_takes_the_chunked_path(tiny_llama):
+    from transformers import AutoModelForCausalLM
+
+    from qlora_lite.loss import plain_linear_head
+
+    assert plain_linear_head(AutoModelForCausalLM.from_pretrained(tiny_llama))
