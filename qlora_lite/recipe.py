@@ -225,6 +225,8 @@ class TrainConfig:
         _check_choice("train.optimizer", self.optimizer, OPTIMIZERS)
         _check_positive("train.log_every", self.log_every)
         _check_nonnegative("train.eval_every", self.eval_every)
+        if self.eval_max_batches is not None:
+            _check_positive("train.eval_max_batches", self.eval_max_batches)
         _check_nonnegative("train.save_every", self.save_every)
         _check_positive("train.keep_last", self.keep_last)
         _check_nonnegative("train.loss_chunk_size", self.loss_chunk_size)

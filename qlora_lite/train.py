@@ -33,6 +33,7 @@ from .recipe import Recipe, save_recipe
 
 EXIT_INTERRUPTED = 130  # the shell's code for "stopped by SIGINT"
 DEMO_NEW_TOKENS = 24  # enough for the demo's one-line answers
+MAX_LOG_PPL = 50.0  # perplexity is reported as exp(min(loss, 50)): no float overflow on a diverged run
 
 
 class NonFiniteLoss(QloraError):
@@ -71,6 +72,8 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False, demo: b
         raise QloraError("The recipe has no `data` section; add `data: {path: ...}`.")
     run_dir = Path(cfg.output.dir)
     prepare_run_dir(run_dir, resume, overwrite)
+    if resume:
+        check_resumable(cfg, run_dir / "recipe.yaml")
     save_recipe(cfg, run_dir / "recipe.yaml")
     seed_everything(t.seed)
     device = pick_device(t.device)
@@ -116,7 +119,8 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False, demo: b
     metrics_file = open(run_dir / "metrics.jsonl", "a")
     # disable=None: a bar on a terminal, plain log lines in files and CI.
     bar = tqdm(total=total_steps, initial=state["step"], desc="train", unit="step", dynamic_ncols=True, disable=None)
-    window = {"loss": 0.0, "trained": 0, "tokens": 0, "time": 0.0}
+    # The log window travels in checkpoints, so a resumed run logs the same averages.
+    window = state.pop("window", None) or {"loss": 0.0, "trained": 0, "tokens": 0, "time": 0.0}
     last_eval = None
     model.train()
     with interrupt, metrics_file, bar:
@@ -164,7 +168,7 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False, demo: b
                 model.train()
             if (t.save_every and state["step"] % t.save_every == 0) or interrupt.requested:
                 save_checkpoint(run_dir, model, cfg.lora, cfg.model.name_or_path, optimizer, scheduler,
-                                state, t.keep_last)
+                                dict(state, window=window), t.keep_last)
             if interrupt.requested:
                 raise Interrupted(f"checkpoint saved at step {state['step']}")
 
@@ -178,7 +182,7 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False, demo: b
         "steps": state["step"],
         "train_loss": last_logged_loss(run_dir / "metrics.jsonl"),
         "eval_loss": last_eval,
-        "eval_perplexity": math.exp(last_eval) if last_eval is not None else None,
+        "eval_perplexity": math.exp(min(last_eval, MAX_LOG_PPL)) if last_eval is not None else None,
         "tokens": state["tokens"],
         "trained_tokens": state["trained_tokens"],
         "wall_time_s": round(state["wall"], 2),
@@ -198,6 +202,10 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False, demo: b
 
 def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool = False) -> None:
     if overwrite and run_dir.exists():
+        # Only ever delete a run folder (or an empty one): output.dir=. must not wipe a project.
+        if any(run_dir.iterdir()) and not any((run_dir / n).exists() for n in RUN_MARKERS):
+            raise QloraError(f"--overwrite: {str(run_dir)!r} is not a qlora-lite run folder (no "
+                             f"{', '.join(RUN_MARKERS)}); refusing to delete it. Choose another output.dir.")
         shutil.rmtree(run_dir)
     if resume:
         if latest_checkpoint(run_dir) is None:
@@ -209,6 +217,35 @@ def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool = False) -> Non
                          "--overwrite to replace it, or --set output.dir=runs/new to start another.")
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+
+
+RUN_MARKERS = ("recipe.yaml", "metrics.jsonl", "checkpoints")
+# What may change between a run and its resume: how long and how often, never what is trained.
+RESUMABLE_CHANGES = {"train.max_steps", "train.epochs", "train.log_every", "train.eval_every",
+                     "train.eval_max_batches", "train.save_every", "train.keep_last", "train.device",
+                     "output.dir"}  # a run folder may be moved
+
+
+def check_resumable(cfg: Recipe, saved_path: Path) -> None:
+    """Refuse to resume with settings that change the model, the data plan or the optimizer."""
+    from .recipe import load_recipe
+
+    if not saved_path.is_file():
+        return
+    saved = _flatten(load_recipe(saved_path).to_dict())
+    now = _flatten(cfg.to_dict())
+    for key in sorted(set(saved) | set(now)):
+        if saved.get(key) != now.get(key) and key not in RESUMABLE_CHANGES:
+            raise QloraError(f"--resume: {key} is {now.get(key)!r} but the run was started with "
+                             f"{saved.get(key)!r}; resume with the run's own settings "
+                             f"(e.g. qlora-lite run {saved_path} --resume).")
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
 
 
 def seed_everything(seed: int) -> None:
@@ -298,7 +335,7 @@ def format_record(r: dict) -> str:
 
 
 def log_eval(metrics_file, bar, step: int, loss: float) -> float:
-    record = {"step": step, "eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50))}
+    record = {"step": step, "eval_loss": loss, "eval_perplexity": math.exp(min(loss, MAX_LOG_PPL))}
     metrics_file.write(json.dumps(record) + "\n")
     metrics_file.flush()
     bar.write(f"step {step:>5}  eval loss {loss:.4f}  ppl {record['eval_perplexity']:.2f}")

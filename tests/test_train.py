@@ -48,16 +48,17 @@ def losses(run_dir) -> dict[int, float]:
 
 
 def test_resume_gives_the_same_losses_as_a_straight_run(data_file, tmp_path):
-    straight = train(make_recipe(data_file, tmp_path / "a", keep_last=5))
+    # log_every=2 with a checkpoint at step 5: the resumed run must finish the open log window.
+    straight = train(make_recipe(data_file, tmp_path / "a", keep_last=5, log_every=2))
     assert straight["steps"] == 10 and (tmp_path / "a/adapter/adapter_model.safetensors").is_file()
     assert [p.name for p in checkpoint_dirs(tmp_path / "a")] == ["step-5", "step-10"]
     # A crash right after step 5's checkpoint: the run folder as it stood then.
     shutil.copytree(tmp_path / "a", tmp_path / "b")
     shutil.rmtree(tmp_path / "b/checkpoints/step-10")
     shutil.rmtree(tmp_path / "b/adapter")
-    resumed = train(make_recipe(data_file, tmp_path / "b", keep_last=5), resume=True)
+    resumed = train(make_recipe(data_file, tmp_path / "b", keep_last=5, log_every=2), resume=True)
     a, b = losses(tmp_path / "a"), losses(tmp_path / "b")
-    assert sorted(a) == sorted(b) == list(range(1, 11))
+    assert sorted(a) == sorted(b) == [2, 4, 6, 8, 10]
     worst = max(abs(a[s] - b[s]) for s in a)
     assert worst <= 1e-5, [(s, a[s], b[s]) for s in a]
     assert resumed["eval_loss"] == pytest.approx(straight["eval_loss"], abs=1e-5)
@@ -142,3 +143,24 @@ def test_cli_end_to_end_and_clear_errors(data_file, tmp_path):
     p = cli("run", recipe, "--set", "train.lrr=1")
     out = p.stdout.read()
     assert p.wait(timeout=60) == 2 and "Did you mean `lr`" in out and "Traceback" not in out
+
+
+def test_resume_refuses_changed_training_settings(data_file, tmp_path):
+    train(make_recipe(data_file, tmp_path / "r", max_steps=5, eval_every=0))
+    with pytest.raises(QloraError, match=r"train.lr is 0.002 but the run was started with 0.001"):
+        train(make_recipe(data_file, tmp_path / "r", max_steps=8, lr=2e-3), resume=True)
+    assert "lr: 0.001" in (tmp_path / "r/recipe.yaml").read_text()  # the record is kept
+    s = train(make_recipe(data_file, tmp_path / "r", max_steps=7, eval_every=0), resume=True)
+    assert s["steps"] == 7
+
+
+def test_overwrite_deletes_only_run_folders(data_file, tmp_path):
+    keep = tmp_path / "project"
+    keep.mkdir()
+    (keep / "precious.txt").write_text("x")
+    with pytest.raises(QloraError, match="not a qlora-lite run folder"):
+        train(make_recipe(data_file, keep, max_steps=1), overwrite=True)
+    assert (keep / "precious.txt").exists()
+    train(make_recipe(data_file, tmp_path / "r", max_steps=1, eval_every=0))
+    s = train(make_recipe(data_file, tmp_path / "r", max_steps=2, eval_every=0), overwrite=True)
+    assert s["steps"] == 2
