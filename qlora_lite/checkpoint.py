@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import random
 import re
@@ -19,7 +20,7 @@ from pathlib import Path
 import torch
 
 from .adapter import load_adapter, save_adapter
-from .io import atomic_dir
+from .io import atomic_dir, atomic_write_bytes, atomic_write_text
 from .recipe import LoraConfig
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -55,14 +56,18 @@ def save_checkpoint(run_dir: str | Path, model, lora_cfg: LoraConfig, base_name:
     final = Path(run_dir) / "checkpoints" / f"step-{state['step']}"
     with atomic_dir(final, overwrite=True) as tmp:
         save_adapter(model, tmp / "adapter", lora_cfg, base_name)
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         rng = {"torch": torch.get_rng_state()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
-        torch.save(rng, tmp / "rng.pt")
+        # Every file fsynced before the rename, so a power cut cannot leave an empty newest
+        # checkpoint after the older ones were pruned.
+        for name, obj in (("optimizer.pt", optimizer.state_dict()), ("scheduler.pt", scheduler.state_dict()),
+                          ("rng.pt", rng)):
+            buf = io.BytesIO()
+            torch.save(obj, buf)
+            atomic_write_bytes(tmp / name, buf.getvalue())
         full = dict(state, python_rng=_py_rng_to_json(random.getstate()))
-        (tmp / "trainer_state.json").write_text(json.dumps(full, indent=2))
+        atomic_write_text(tmp / "trainer_state.json", json.dumps(full, indent=2))
     for old in checkpoint_dirs(run_dir)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     return final
