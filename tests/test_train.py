@@ -164,3 +164,15 @@ def test_overwrite_deletes_only_run_folders(data_file, tmp_path):
     train(make_recipe(data_file, tmp_path / "r", max_steps=1, eval_every=0))
     s = train(make_recipe(data_file, tmp_path / "r", max_steps=2, eval_every=0), overwrite=True)
     assert s["steps"] == 2
+
+
+def test_fp32_adapters_train_and_save_in_fp32(data_file, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    r = make_recipe(data_file, tmp_path / "r", max_steps=2, eval_every=0)
+    r.lora.dtype = "float32"
+    s = train(r)
+    tensors = load_file(tmp_path / "r/adapter/adapter_model.safetensors")
+    assert {t.dtype for t in tensors.values()} == {torch.float32}
+    assert s["train_loss"] is not None and s["train_loss"] < 20
