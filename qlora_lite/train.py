@@ -130,14 +130,15 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False, demo: b
             # weighs every token the same, whatever the micro-batch it landed in.
             batches = [next(stream) for _ in range(t.grad_accum)]
             step_trained = sum(count_trained(b["labels"]) for *_, b in batches)
-            step_loss = 0.0
+            step_loss = torch.zeros((), device=device)
             for *_, batch in batches:
                 batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
                 with autocast:
                     loss_sum, _ = causal_lm_loss(model, batch, t.loss_chunk_size)
                 (loss_sum / max(step_trained, 1)).backward()
-                step_loss += loss_sum.item()
-            loss = step_loss / max(step_trained, 1)
+                step_loss += loss_sum.detach()
+            # One host sync per optimizer step, not one per micro-batch.
+            loss = step_loss.item() / max(step_trained, 1)
             if not math.isfinite(loss):
                 raise NonFiniteLoss(f"loss is {loss} at step {state['step'] + 1}; the last good checkpoint "
                                     f"is kept in {run_dir / 'checkpoints'}. Lower train.lr or check the data.")
