@@ -26,12 +26,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from qlora_lite.estimate import Settings, estimate_mode, load_arch  # noqa: E402
 from qlora_lite.lora import attach_lora, lora_parameters  # noqa: E402
-from qlora_lite.loss import causal_lm_loss  # noqa: E402
 from qlora_lite.memory import MemoryTracker, module_tensors  # noqa: E402
 from qlora_lite.model import enable_gradient_checkpointing  # noqa: E402
 from qlora_lite.optim import build_optimizer  # noqa: E402
 from qlora_lite.profile import gib  # noqa: E402
 from qlora_lite.recipe import LoraConfig  # noqa: E402
+from qlora_lite.step import autocast_context, train_step  # noqa: E402
 
 WARMUP_TOKENS = 8
 
@@ -120,27 +120,35 @@ def main() -> int:
     tracker.watch_optimizer(opt)
     vocab = model.config.vocab_size
     gen = torch.Generator().manual_seed(0)
-
-    def micro_batch(seq_len: int) -> float:
-        ids = torch.randint(0, vocab, (args.batch_size, seq_len), generator=gen).to(args.device)
-        tracker.set_phase("forward")
-        loss_sum, n = causal_lm_loss(model, {"input_ids": ids, "labels": ids}, args.loss_chunk_size)
-        tracker.set_phase("backward")
-        (loss_sum / n).backward()
-        return float(loss_sum.detach()) / n
-
     cuda = args.device.startswith("cuda")
+
+    def batch(seq_len: int) -> dict:
+        ids = torch.randint(0, vocab, (args.batch_size, seq_len), generator=gen)
+        return {"input_ids": ids, "labels": ids}
+
+    forwards = []
+
+    def phase(name: str) -> None:
+        tracker.set_phase(name)
+        if name == "forward":
+            forwards.append(time.perf_counter())
+            if len(forwards) == 2:  # the measured micro-batch starts: gradients and state are alive
+                tracker.reset_peak()
+                if cuda:
+                    torch.cuda.synchronize()
+                    torch.cuda.reset_peak_memory_stats()
+        elif name == "optimizer" and len(forwards) == 2:
+            forwards.append(time.perf_counter())
+
+    step = dict(device=args.device, max_grad_norm=0.3, loss_chunk_size=args.loss_chunk_size,
+                autocast=autocast_context(args.device, "bfloat16"))
     with tracker:
-        micro_batch(WARMUP_TOKENS)
-        tracker.set_phase("optimizer")
-        opt.step()  # state exists from here; gradients stay, as between accumulated micro-batches
-        tracker.reset_peak()
-        if cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        t1 = time.perf_counter()
-        loss = micro_batch(args.seq_len)
-        step_s = time.perf_counter() - t1
+        # Step 1 creates the optimizer state. Step 2's first micro-batch leaves gradients alive, as
+        # in micro-batches 2..grad_accum of a real step; the peak is taken over its second one.
+        train_step(model, [batch(WARMUP_TOKENS)], params, opt, **step)
+        result = train_step(model, [batch(WARMUP_TOKENS), batch(args.seq_len)], params, opt, phase=phase, **step)
+        loss = result.loss
+        step_s = forwards[2] - forwards[1]
     peak = tracker.breakdown()
     arch = load_arch(args.config)
     if args.layers:
