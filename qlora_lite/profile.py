@@ -16,22 +16,14 @@ from pathlib import Path
 import torch
 
 from .errors import QloraError
-from .memory import CATEGORIES, MemoryTracker, module_tensors
+from .memory import CATEGORIES, LABELS, MODES, MemoryTracker, module_tensors
 from .recipe import Recipe
+from .units import gib
 
-MODES = ("qlora", "lora", "full")
 MODE_HELP = {
     "qlora": "NF4 base + LoRA (as trained)",
     "lora": "bf16 base + LoRA",
     "full": "bf16 full fine-tune, 32-bit optimizer state",
-}
-LABELS = {
-    "base_weights": "base weights (+ quant constants)",
-    "lora_params": "LoRA parameters",
-    "gradients": "gradients",
-    "optimizer_state": "optimizer state",
-    "activations": "activations saved for backward",
-    "temporaries": "temporaries",
 }
 
 
@@ -168,11 +160,6 @@ def measure_mode(recipe: Recipe, mode: str, steps: int = 3, seq_len: int = 256, 
 
 
 # ---------------------------------------------------------------- reports
-
-
-def gib(n: float) -> str:
-    """Bytes as a short human string (GiB above 1 GiB, else MiB)."""
-    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
 def report_markdown(results: list[dict], title: str = "") -> str:

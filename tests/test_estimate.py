@@ -7,7 +7,7 @@ import torch
 import transformers
 
 from qlora_lite.errors import QloraError
-from qlora_lite.estimate import MODES, Settings, estimate, estimate_mode, load_arch, nf4_bytes, parse_size
+from qlora_lite.estimate import MODES, Settings, estimate, estimate_mode, gpu_mem_bytes, load_arch, nf4_bytes
 from qlora_lite.profile import measure_mode
 from qlora_lite.recipe import recipe_from_dict
 
@@ -83,7 +83,7 @@ def test_nf4_is_about_4_127_bits_per_parameter():
 
 
 def test_llama_2_7b_prediction():
-    result = estimate("llama-2-7b", Settings(seq_len=2048), gpu_mem=parse_size("24GB"))
+    result = estimate("llama-2-7b", Settings(seq_len=2048), gpu_mem=gpu_mem_bytes("24GiB"))
     q, full = result["modes"]["qlora"], result["modes"]["full"]
     assert result["arch"]["hidden_size"] == 4096
     assert 3.4e9 < q["bytes"]["base_weights"] < 3.9e9  # 6.7B parameters, mostly at 4.127 bits
@@ -100,6 +100,8 @@ def test_load_arch_inputs(tmp_path, models):
     assert load_arch(folder).vocab_size == load_arch(f"{folder}/config.json").vocab_size == 2000
     with pytest.raises(QloraError, match="not a config.json"):
         load_arch(str(tmp_path / "missing"))
-    assert parse_size("24GB") == parse_size("24GiB") == 24 * 2**30
+    assert gpu_mem_bytes("24GiB") == 24 * 2**30 and gpu_mem_bytes("24GB") == 24 * 10**9
     with pytest.raises(QloraError, match="--gpu-mem"):
-        parse_size("lots")
+        gpu_mem_bytes("lots")
+    with pytest.raises(QloraError, match="give a unit"):
+        gpu_mem_bytes("24")
