@@ -220,7 +220,10 @@ def layer_recompute_per_token(a: Arch, s: Settings, mode: str) -> int:
     elem = BF16 if s.device == "cuda" else LORA_DTYPE_BYTES[s.lora_dtype]
     adapters = elem * s.lora_r * len(lin)
     mask = 1 if s.device == "cuda" else elem  # CUDA dropout masks are bool
-    dropout = sum((elem + mask) * d_in for d_in, _, _ in lin) if s.lora_dropout > 0 else 0
+    if s.lora_dropout > 0:  # dropout's output and mask are saved
+        dropout = sum((elem + mask) * d_in for d_in, _, _ in lin)
+    else:  # without dropout only a cast of the input (fp32 adapters on CPU) is a new tensor
+        dropout = sum(elem * d_in for d_in, _, _ in lin) if elem != BF16 else 0
     return common + 8 * i + adapters + dropout
 
 
