@@ -158,13 +158,8 @@ def export_model(source: str | Path, out: str | Path, dtype: str = "bf16", base:
     Returns:
         dict: what EXPORT.md records (shards, bytes, merged modules, seconds, verify numbers).
     """
-    if dtype not in EXPORT_DTYPES:
-        raise QloraError(f"--dtype {dtype!r} is not one of {', '.join(EXPORT_DTYPES)}.")
-    if base not in BASES:
-        raise QloraError(f"--base {base!r} is not one of {', '.join(BASES)}.")
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise QloraError(f"Output folder {str(out)!r} already exists; remove it or choose another --out.")
+    _check_options(dtype, base, out, overwrite)
     max_bytes = parse_size(max_shard_size, "--max-shard-size")
     src = resolve_source(source, model)
     lora_cfg, _ = read_adapter_config(src.adapter_dir)
@@ -181,41 +176,71 @@ def export_model(source: str | Path, out: str | Path, dtype: str = "bf16", base:
             "merged_modules": len(adapter), "scale": lora_cfg.scale, "r": lora_cfg.r, "alpha": lora_cfg.alpha}
 
     with ExitStack() as stack:
-        reader = None
-        if base == "original":
-            reader = CheckpointReader(local_model_dir(src.model, True), stack)
-            missing = [k for k, _ in keys if k not in reader]
-            if missing:
-                raise QloraError(f"Tensor {missing[0]!r} is not in the base checkpoint "
-                                 f"({len(missing)} missing); use --base dequantized.")
-        sizes = [(k, logical_shape(t).numel() * _out_dtype(t, out_dtype).itemsize) for k, t in keys]
-        plan = plan_shards(sizes, max_bytes)
-        names = shard_names(len(plan))
-        tensors = dict(keys)
+        reader = _original_reader(src, keys, stack) if base == "original" else None
         with atomic_dir(out, overwrite=overwrite) as tmp:
-            weight_map = {}
-            for shard_keys, fname in zip(plan, names):
-                shard = {}
-                for key in shard_keys:
-                    t = tensors[key]
-                    w = reader.get(key) if reader is not None else dequantized(t)
-                    shard[key] = merge_tensor(key, w, adapter, lora_cfg, _out_dtype(t, out_dtype))
-                    del w
-                write_shard(shard, tmp / fname)
-                weight_map.update({k: fname for k in shard_keys})
-                log(f"wrote {fname} ({len(shard_keys)} tensors)")
-                del shard
-            total = sum(n for _, n in sizes)
-            if len(names) > 1:
-                atomic_write_json(tmp / INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": weight_map})
-            del tensors, keys, base_model
+            shards, total = write_shards(tmp, keys, reader, adapter, lora_cfg, out_dtype, max_bytes, log)
+            del keys, base_model  # free the 4-bit model before verify loads another
             info["prompt_format"] = write_metadata(tmp, src, out_dtype)
-            info.update(shards=len(names), total_bytes=total, seconds=round(time.perf_counter() - t0, 1),
+            info.update(shards=shards, total_bytes=total, seconds=round(time.perf_counter() - t0, 1),
                         date=datetime.datetime.now().isoformat(timespec="seconds"))
             if verify:
                 info["verify"] = verify_export(tmp, src)
             atomic_write_text(tmp / "EXPORT.md", export_card(info))
     return info
+
+
+def _check_options(dtype: str, base: str, out: Path, overwrite: bool) -> None:
+    if dtype not in EXPORT_DTYPES:
+        raise QloraError(f"--dtype {dtype!r} is not one of {', '.join(EXPORT_DTYPES)}.")
+    if base not in BASES:
+        raise QloraError(f"--base {base!r} is not one of {', '.join(BASES)}.")
+    if out.exists() and not overwrite:
+        raise QloraError(f"Output folder {str(out)!r} already exists; remove it or choose another --out.")
+
+
+def _original_reader(src: RunSource, keys: list, stack: ExitStack) -> CheckpointReader:
+    """The base checkpoint's tensors, refusing one that lacks any tensor of the model."""
+    reader = CheckpointReader(local_model_dir(src.model, True), stack)
+    missing = [k for k, _ in keys if k not in reader]
+    if missing:
+        raise QloraError(f"Tensor {missing[0]!r} is not in the base checkpoint "
+                         f"({len(missing)} missing); use --base dequantized.")
+    return reader
+
+
+def write_shards(folder: Path, keys: list, reader, adapter: dict, lora_cfg: LoraConfig, out_dtype: torch.dtype,
+                 max_bytes: int, log=print) -> tuple[int, int]:
+    """Write the merged tensors shard by shard (plus the index when sharded); (shards, total bytes).
+
+    Args:
+        folder (Path): where the shards go.
+        keys (list[tuple[str, Tensor]]): `state_keys` of the base model.
+        reader (CheckpointReader | None): original weights; None dequantizes the model's own.
+        adapter (dict): `read_adapter_weights` of the adapter.
+        lora_cfg (LoraConfig): its scale.
+        out_dtype (torch.dtype): the export dtype of floating tensors.
+        max_bytes (int): largest shard.
+        log (callable): progress printer. Default print.
+    """
+    sizes = [(k, logical_shape(t).numel() * _out_dtype(t, out_dtype).itemsize) for k, t in keys]
+    names = shard_names(len(plan := plan_shards(sizes, max_bytes)))
+    tensors = dict(keys)
+    weight_map = {}
+    for shard_keys, fname in zip(plan, names):
+        shard = {}
+        for key in shard_keys:
+            t = tensors[key]
+            w = reader.get(key) if reader is not None else dequantized(t)
+            shard[key] = merge_tensor(key, w, adapter, lora_cfg, _out_dtype(t, out_dtype))
+            del w
+        write_shard(shard, folder / fname)
+        weight_map.update({k: fname for k in shard_keys})
+        log(f"wrote {fname} ({len(shard_keys)} tensors)")
+        del shard
+    total = sum(n for _, n in sizes)
+    if len(names) > 1:
+        atomic_write_json(folder / INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": weight_map})
+    return len(names), total
 
 
 def _out_dtype(t: torch.Tensor, out_dtype: torch.dtype) -> torch.dtype:

@@ -56,16 +56,13 @@ def load_for_generation(path: str, adapter: str | None = None, device: str = "cp
     elif adapter:
         cfg, adapter_dir, template = ModelConfig(name_or_path=path, gradient_checkpointing=False), Path(adapter), None
     else:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM
 
-        local = resolve_model_path(path)
         try:
-            model = AutoModelForCausalLM.from_pretrained(local, dtype="auto", use_safetensors=True)
-            tok = AutoTokenizer.from_pretrained(local)
+            model = AutoModelForCausalLM.from_pretrained(resolve_model_path(path), dtype="auto", use_safetensors=True)
         except OSError as e:
             raise QloraError(f"Could not load model {path!r}: {e}") from None
-        if tok.pad_token is None:
-            tok.pad_token = tok.eos_token
+        tok = load_tokenizer(ModelConfig(name_or_path=path))
         return Loaded(model.to(device).eval(), tok, None, f"{path} ({model.dtype})")
     model = load_model(replace(cfg, gradient_checkpointing=False), device)
     load_adapter(model, adapter_dir)

@@ -77,7 +77,6 @@ def build_tiny_model(
         overwrite (bool): replace an existing folder. Default True.
     """
     import torch
-    import transformers
 
     if arch not in ARCHS:
         raise QloraError(f"tiny model arch {arch!r} is not one of {', '.join(ARCHS)}.")
@@ -87,26 +86,12 @@ def build_tiny_model(
     tokenizer = build_tiny_tokenizer(vocab_size)
     if chat_template:
         tokenizer.chat_template = TINY_CHAT_TEMPLATE if chat_template is True else chat_template
-    common = dict(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden_size,
-        intermediate_size=intermediate_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=num_heads,
-        num_key_value_heads=num_kv_heads,
-        max_position_embeddings=max_position_embeddings,
-        initializer_range=initializer_range,
-        tie_word_embeddings=False,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    if arch == "llama":
-        config, cls = transformers.LlamaConfig(**common), transformers.LlamaForCausalLM
-    elif arch == "mistral":
-        config, cls = transformers.MistralConfig(sliding_window=None, **common), transformers.MistralForCausalLM
-    else:
-        config, cls = transformers.Qwen2Config(use_sliding_window=False, **common), transformers.Qwen2ForCausalLM
+    config, cls = _config_and_class(
+        arch, vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
+        max_position_embeddings=max_position_embeddings, initializer_range=initializer_range,
+        tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id)
     # Seed a private generator state so building a model never disturbs the caller's RNG.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -116,6 +101,17 @@ def build_tiny_model(
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     return str(out)
+
+
+def _config_and_class(arch: str, **common):
+    """The transformers config and model class of `arch`, sliding windows off (short demo rows)."""
+    import transformers
+
+    if arch == "llama":
+        return transformers.LlamaConfig(**common), transformers.LlamaForCausalLM
+    if arch == "mistral":
+        return transformers.MistralConfig(sliding_window=None, **common), transformers.MistralForCausalLM
+    return transformers.Qwen2Config(use_sliding_window=False, **common), transformers.Qwen2ForCausalLM
 
 
 def build_tiny_llama(out_dir: str | os.PathLike, **kwargs) -> str:
