@@ -18,15 +18,14 @@ import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from .dtypes import torch_dtype
 from .errors import QloraError
 from .memory import CATEGORIES, LABELS, MODES
-from .recipe import Recipe
+from .recipe import LORA_DTYPES, Recipe
 from .units import gib, parse_size
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 BF16 = 2
-FP32 = 4
-LORA_DTYPE_BYTES = {"bfloat16": BF16, "float32": FP32}
 NF4_BLOCK = 64  # elements per absmax
 NF4_BLOCK2 = 256  # absmax values per second-level (fp32) absmax
 # Per quantized weight: NF4 code (16 fp32), nested absmax code (256 fp32), fp32 offset.
@@ -92,8 +91,13 @@ class Settings:
     lora_dtype: str = "bfloat16"
 
     def __post_init__(self):
-        if self.lora_dtype not in LORA_DTYPE_BYTES:
-            raise QloraError(f"lora dtype {self.lora_dtype!r} must be one of {', '.join(LORA_DTYPE_BYTES)}.")
+        if self.lora_dtype not in LORA_DTYPES:
+            raise QloraError(f"lora dtype {self.lora_dtype!r} must be one of {', '.join(LORA_DTYPES)}.")
+
+    @property
+    def lora_bytes(self) -> int:
+        """Bytes per adapter element."""
+        return torch_dtype(self.lora_dtype).itemsize
 
 
 def settings_from_recipe(recipe: Recipe, seq_len: int | None = None, device: str = "cuda") -> Settings:
@@ -199,7 +203,7 @@ def persistent(a: Arch, s: Settings, mode: str) -> dict:
     else:
         # Adapters, their gradients and torch AdamW's state are in lora.dtype.
         trainable = L * [n for d_in, d_out, _ in lin for n in (s.lora_r * d_in, s.lora_r * d_out)]
-        elem = LORA_DTYPE_BYTES[s.lora_dtype]
+        elem = s.lora_bytes
         lora, kind = elem * sum(trainable), s.optimizer
     grads = elem * sum(trainable)
     return {"base_weights": base, "lora_params": lora, "gradients": grads,
@@ -217,7 +221,7 @@ def layer_recompute_per_token(a: Arch, s: Settings, mode: str) -> int:
         return common + 12 * i  # gate/up outputs, silu, product and their grads
     lin = layer_linears(a)
     # Under CUDA autocast the adapter path runs in bf16 whatever lora.dtype; on CPU in lora.dtype.
-    elem = BF16 if s.device == "cuda" else LORA_DTYPE_BYTES[s.lora_dtype]
+    elem = BF16 if s.device == "cuda" else s.lora_bytes
     adapters = elem * s.lora_r * len(lin)
     mask = 1 if s.device == "cuda" else elem  # CUDA dropout masks are bool
     if s.lora_dropout > 0:  # dropout's output and mask are saved

@@ -98,7 +98,8 @@ class LoraConfig:
         rslora (bool): rank-stabilised scale alpha / sqrt(r). Default False.
         dtype (str): adapter parameter dtype, "bfloat16" or "float32" (PEFT's default: keeps
             tiny late-schedule updates that bf16 rounds away, at 2x the adapter memory).
-            Default "bfloat16".
+            Recorded in adapter_config.json, so generate and export --verify load the adapter
+            in it; `estimate --lora-dtype` counts it. Default "bfloat16".
     """
 
     r: int = 16
