@@ -82,3 +82,15 @@ def test_estimate_reads_fp32_from_the_run_recipe(fp32_run):
     saved = load_file(fp32_run / "adapter/adapter_model.safetensors")
     p = persistent(arch, s, "qlora")
     assert p["lora_params"] == p["gradients"] == sum(t.numel() * 4 for t in saved.values())
+
+
+def test_peft_loads_the_fp32_adapter_with_our_extra_key(fp32_run):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(resolve_model_path("qlora-lite:tiny-llama"), dtype=torch.float32)
+    with pytest.warns(UserWarning, match="qlora_lite"):
+        peft_model = PeftModel.from_pretrained(base, str(fp32_run / "adapter"))
+    saved = load_file(fp32_run / "adapter/adapter_model.safetensors")
+    state = {k.replace(".default", ""): v for k, v in peft_model.state_dict().items()}
+    assert all(torch.equal(state[k], t) for k, t in saved.items())
