@@ -110,9 +110,14 @@ def use_packed_attention(model) -> None:
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
+    def mask_when_padded(*args, attention_mask=None, **kwargs):
+        # Packed training rows carry no 2D mask, and per-sample attention needs none: without
+        # this, transformers builds a [B, 1, L, L] block mask from the position_ids for nothing.
+        # Padded batches (eval, generation) get SDPA's mask as before.
+        return None if attention_mask is None else sdpa_mask(*args, attention_mask=attention_mask, **kwargs)
+
     AttentionInterface.register(PACKED_ATTENTION, packed_sdpa)
-    # The mask transformers builds for SDPA is what the non-training path needs.
-    ALL_MASK_ATTENTION_FUNCTIONS.register(PACKED_ATTENTION, sdpa_mask)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(PACKED_ATTENTION, mask_when_padded)
     model.set_attn_implementation(PACKED_ATTENTION)
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
     if not getattr(decoder, "_qlora_sample_bounds_hook", False):

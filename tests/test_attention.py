@@ -145,3 +145,21 @@ def test_host_batch_gives_label_positions_and_bounds_without_reading_the_device(
     want = chunked_cross_entropy(hidden, weight, batch["labels"], 8)
     got = chunked_cross_entropy(hidden, weight, batch["labels"], 8, label_positions(batch["labels"]))
     assert got[1] == want[1] and torch.equal(got[0], want[0])
+
+
+def test_packed_training_builds_no_block_mask(tiny_llama, monkeypatch):
+    import transformers.masking_utils as mu
+
+    model = adapted_model(tiny_llama)
+    use_packed_attention(model)
+    built = []
+    real = mu.ALL_MASK_ATTENTION_FUNCTIONS[model.config._attn_implementation]
+
+    def spy(*a, **k):
+        out = real(*a, **k)
+        built.append(out)
+        return out
+
+    monkeypatch.setitem(mu.ALL_MASK_ATTENTION_FUNCTIONS._global_mapping, model.config._attn_implementation, spy)
+    causal_lm_loss(model, collate([[sample(20, 0), sample(30, 1)]], 0, packed_mask="position_ids"), 0)
+    assert built and all(m is None for m in built)
