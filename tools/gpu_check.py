@@ -252,7 +252,7 @@ def stage_7b(args) -> dict:
 def stage_bench(args) -> dict:
     out = {}
     for name, extra in (("packed", []), ("unpacked", ["--no-packing"])):
-        cmd = [sys.executable, "tools/bench_peers.py", "--data", str(args.data), "--work-dir", str(args.out / "bench"),
+        cmd = [sys.executable, "tools/bench_peers.py", "--data", str(args.data), "--work-dir", str(args.work / "bench"),
                "--pairs", "1", "--json", "--device", args.device, *extra]
         cmd += (["--hidden", "256", "--layers", "2", "--rows", "16", "--vocab", "2000"] if args.quick else
                 ["--hidden", "4096", "--layers", str(args.bench_layers), "--rows", "256", "--max-seq-len", "1024"])
@@ -353,7 +353,9 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="small shapes (trying the script on a CPU)")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("QLORA_LITE_CACHE", str(args.out.resolve() / "cache"))
+    args.work = Path(tempfile.mkdtemp(prefix="gpu-check-"))  # models, caches: not in the report folder
+    os.environ.setdefault("QLORA_LITE_CACHE", str(args.work / "cache"))
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     results = {"environment": environment(), "stages": {}}
     t0 = time.perf_counter()
     for name in args.stages.split(","):
