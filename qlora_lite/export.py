@@ -281,7 +281,8 @@ def merge_tensor(key: str, w: torch.Tensor, adapter: dict, lora_cfg: LoraConfig,
     ab = adapter.get(module)
     if ab is None:
         return w.to(dtype).contiguous()
-    return merged_weight(w, ab["lora_A"], ab["lora_B"], lora_cfg.scale).to(dtype).contiguous()
+    a, b = (ab[k].to(w.device) for k in ("lora_A", "lora_B"))  # w is on the GPU when quantized there
+    return merged_weight(w, a, b, lora_cfg.scale).to(dtype).contiguous()
 
 
 def write_metadata(folder: Path, src: RunSource, dtype: torch.dtype) -> str:

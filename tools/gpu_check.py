@@ -251,7 +251,7 @@ def stage_7b(args) -> dict:
 
 def stage_bench(args) -> dict:
     out = {}
-    for name, extra in (("packed", []), ("unpacked", ["--no-packing"])):
+    for name, extra in [c for c in (("packed", []), ("unpacked", ["--no-packing"])) if c[0] in args.bench]:
         cmd = [sys.executable, "tools/bench_peers.py", "--data", str(args.data), "--work-dir", str(args.work / "bench"),
                "--pairs", "1", "--json", "--device", args.device, *extra]
         cmd += (["--hidden", "256", "--layers", "2", "--rows", "16", "--vocab", "2000"] if args.quick else
@@ -263,8 +263,10 @@ def stage_bench(args) -> dict:
         text = (args.out / f"bench_{name}.log").read_text()
         start = 0 if text.startswith("{") else text.index("\n{") + 1  # warnings may come first
         s = json.loads(text[start:])["summary"]
-        out[name] = {"ratios": s.get("ratios"), "tokens_per_s": {k: s[k]["tokens_per_s"] for k in s if k != "ratios"},
-                     "peak_memory_bytes": {k: s[k]["peak_memory_bytes"] for k in s if k != "ratios"}}
+        sides = ("reference", "qlora-lite")
+        out[name] = {"ratios": s["ratios"], "tokens_per_s": {k: s[k]["tokens_per_s"] for k in sides},
+                     "peak_memory_bytes": {k: s[k]["peak_memory_bytes"] for k in sides},
+                     "loss_at_tokens": {k: s[k]["loss_at_tokens"] for k in sides}}
     out["ok"] = all("ratios" in v for v in out.values() if isinstance(v, dict))
     return out
 
@@ -350,6 +352,7 @@ def main() -> int:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--stages", default=",".join(STAGES), help="comma-separated subset of " + ", ".join(STAGES))
     ap.add_argument("--bench-layers", type=int, default=4)
+    ap.add_argument("--bench", default="packed,unpacked", help="which throughput comparisons to run")
     ap.add_argument("--quick", action="store_true", help="small shapes (trying the script on a CPU)")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
