@@ -20,7 +20,9 @@ from pathlib import Path
 import torch
 
 from .adapter import load_adapter, save_adapter
-from .atomic import atomic_dir, atomic_write_bytes, atomic_write_text
+from .atomic import NoSpaceError, atomic_dir, atomic_write_bytes, atomic_write_text
+from .errors import QloraError
+from .readers import read_json, torch_load
 from .recipe import LoraConfig
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -54,39 +56,71 @@ def save_checkpoint(run_dir: str | Path, model, lora_cfg: LoraConfig, base_name:
         keep_last (int): checkpoints to keep.
     """
     final = Path(run_dir) / "checkpoints" / f"step-{state['step']}"
-    with atomic_dir(final, overwrite=True) as tmp:
-        save_adapter(model, tmp / "adapter", lora_cfg, base_name)
-        rng = {"torch": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state_all()
-        # Every file fsynced before the rename, so a power cut cannot leave an empty newest
-        # checkpoint after the older ones were pruned.
-        for name, obj in (("optimizer.pt", optimizer.state_dict()), ("scheduler.pt", scheduler.state_dict()),
-                          ("rng.pt", rng)):
-            buf = io.BytesIO()
-            torch.save(obj, buf)
-            atomic_write_bytes(tmp / name, buf.getvalue())
-        full = dict(state, python_rng=_py_rng_to_json(random.getstate()))
-        atomic_write_text(tmp / "trainer_state.json", json.dumps(full, indent=2))
+    try:
+        with atomic_dir(final, overwrite=True) as tmp:
+            save_adapter(model, tmp / "adapter", lora_cfg, base_name)
+            rng = {"torch": torch.get_rng_state()}
+            if torch.cuda.is_available():
+                rng["cuda"] = torch.cuda.get_rng_state_all()
+            # Every file fsynced before the rename, so a power cut cannot leave an empty newest
+            # checkpoint after the older ones were pruned.
+            for name, obj in (("optimizer.pt", optimizer.state_dict()), ("scheduler.pt", scheduler.state_dict()),
+                              ("rng.pt", rng)):
+                buf = io.BytesIO()
+                torch.save(obj, buf)
+                atomic_write_bytes(tmp / name, buf.getvalue())
+            full = dict(state, python_rng=_py_rng_to_json(random.getstate()))
+            atomic_write_text(tmp / "trainer_state.json", json.dumps(full, indent=2))
+    except NoSpaceError as e:
+        # Older checkpoints are pruned only after a new one is complete, so the last one is intact.
+        prev = latest_checkpoint(run_dir)
+        note = (f" Checkpoint {str(prev)!r} is complete: continue from it with --resume."
+                if prev is not None else " No earlier checkpoint exists.")
+        raise NoSpaceError(e.path, e.nbytes, e.reason, note) from None
     for old in checkpoint_dirs(run_dir)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
 
 def load_checkpoint(path: str | Path, model, optimizer, scheduler) -> dict:
-    """Restore adapter, optimizer, scheduler and RNG states; return the trainer state."""
+    """Restore adapter, optimizer, scheduler and RNG states; return the trainer state.
+
+    A damaged file (truncated copy, disk error, a file from elsewhere) raises QloraError naming
+    it and saying how to resume from the checkpoint before.
+    """
     path = Path(path)
-    load_adapter(model, path / "adapter")
-    # weights_only: a checkpoint folder is data, never code.
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-    rng = torch.load(path / "rng.pt", weights_only=True)
-    torch.set_rng_state(rng["torch"])
-    if "cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
-    state = json.loads((path / "trainer_state.json").read_text())
-    random.setstate(_py_rng_from_json(state.pop("python_rng")))
+    fix = (f"delete {str(path)!r} to resume from the checkpoint before it, or start over with --overwrite")
+    load_adapter(model, path / "adapter", fix=fix)
+    # torch_load uses weights_only: a checkpoint folder is data, never code.
+    for name, target in (("optimizer.pt", optimizer), ("scheduler.pt", scheduler)):
+        _load_state(path / name, target, fix)
+    rng = torch_load(path / "rng.pt", fix)
+    state = read_json(path / "trainer_state.json", fix)
+    try:
+        torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+    except (KeyError, TypeError, RuntimeError) as e:
+        raise QloraError(f"{str(path / 'rng.pt')!r} does not hold RNG states ({e!r}); {fix}") from None
+    missing = [k for k in ("step", "epoch", "batch_in_epoch", "python_rng") if k not in state]
+    try:
+        if missing:
+            raise KeyError(missing[0])
+        random.setstate(_py_rng_from_json(state.pop("python_rng")))
+    except (KeyError, TypeError, ValueError, IndexError) as e:
+        raise QloraError(f"{str(path / 'trainer_state.json')!r} is not a trainer state (missing or bad "
+                         f"{e!r}); {fix}") from None
     return state
+
+
+def _load_state(file: Path, target, fix: str) -> None:
+    """load_state_dict from a torch file; a file of another kind is named, not a KeyError."""
+    sd = torch_load(file, fix)
+    try:
+        target.load_state_dict(sd)
+    except (KeyError, ValueError, TypeError, AttributeError, RuntimeError) as e:
+        raise QloraError(f"{str(file)!r} does not hold this run's {type(target).__name__} state ({e!r}); "
+                         f"{fix}") from None
 
 
 def _py_rng_to_json(s):

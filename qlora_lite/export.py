@@ -12,10 +12,10 @@ only when complete.
 from __future__ import annotations
 
 import datetime
-import json
+import os
 import re
 import time
-from contextlib import ExitStack
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -23,9 +23,10 @@ import torch
 
 from .adapter import CONFIG_NAME, check_adapter_fits, read_adapter_config, read_adapter_weights
 from .errors import QloraError
-from .atomic import atomic_dir, atomic_write_json, atomic_write_text
+from .atomic import NoSpaceError, atomic_dir, atomic_write_json, atomic_write_text, require_space, space_errno
 from .lora import merged_weight
 from .recipe import LoraConfig, ModelConfig, load_recipe
+from .runlock import owning_run, run_lock
 
 EXPORT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 BASES = ("dequantized", "original")
@@ -116,10 +117,19 @@ def shard_names(n: int) -> list[str]:
 
 
 def write_shard(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    """One safetensors file (a module-level function so tests can make it fail)."""
+    """One safetensors file (a module-level function so tests can make it fail).
+
+    Written by safetensors itself, not through a bytes copy: a shard is up to max_shard_size.
+    """
     from safetensors.torch import save_file
 
-    save_file(tensors, str(path), metadata={"format": "pt"})
+    try:
+        save_file(tensors, str(path), metadata={"format": "pt"})
+    except Exception as e:  # safetensors reports the OS error inside its own message
+        code = space_errno(e)
+        if code is None:
+            raise
+        raise NoSpaceError(path, sum(t.numel() * t.element_size() for t in tensors.values()), os.strerror(code)) from None
 
 
 # ---------------------------------------------------------------- base tensors
@@ -166,26 +176,37 @@ class CheckpointReader:
     """Lazy access to the tensors of a safetensors checkpoint folder (single or sharded)."""
 
     def __init__(self, folder: Path, stack: ExitStack):
-        from safetensors import safe_open
+        from .readers import open_safetensors, read_json
 
+        fix = "download the base model again, or export with --base dequantized"
         index = folder / INDEX_NAME
         if index.is_file():
-            files = json.loads(index.read_text())["weight_map"]
+            files = read_json(index, fix).get("weight_map")
+            if not isinstance(files, dict):
+                raise QloraError(f"{str(index)!r} has no weight_map; {fix}")
         elif (folder / SINGLE_NAME).is_file():
-            with safe_open(str(folder / SINGLE_NAME), "pt") as f:
+            with open_safetensors(folder / SINGLE_NAME, fix) as f:
                 files = {k: SINGLE_NAME for k in f.keys()}
         else:
             raise QloraError(f"--base original needs the base's safetensors files, none in {str(folder)!r}; "
                              "use --base dequantized.")
-        self.files = files
-        self.handles = {name: stack.enter_context(safe_open(str(folder / name), "pt"))
+        self.folder, self.files, self.fix = folder, files, fix
+        self.handles = {name: stack.enter_context(open_safetensors(folder / name, fix))
                         for name in sorted(set(files.values()))}
 
     def __contains__(self, key: str) -> bool:
         return key in self.files
 
     def get(self, key: str) -> torch.Tensor:
-        return self.handles[self.files[key]].get_tensor(key)
+        from safetensors import SafetensorError
+
+        from .readers import damaged
+
+        name = self.files[key]
+        try:
+            return self.handles[name].get_tensor(key)
+        except SafetensorError as e:
+            raise damaged(self.folder / name, f"reading {key!r}: {e}", self.fix) from None
 
 
 def local_model_dir(cfg: ModelConfig, weights: bool) -> Path:
@@ -237,6 +258,14 @@ def export_model(source: str | Path, out: str | Path, dtype: str = "bf16", base:
     Returns:
         dict: what EXPORT.md records (shards, bytes, merged modules, seconds, verify numbers).
     """
+    # A run folder (or a checkpoint in one) that a training process is writing is refused (runlock.py).
+    run = owning_run(source)
+    with run_lock(run, "export", create=False) if run is not None else nullcontext():
+        return _export_locked(source, out, dtype, base, max_shard_size, model, verify, overwrite, log)
+
+
+def _export_locked(source, out, dtype, base, max_shard_size, model, verify, overwrite, log) -> dict:
+    """`export_model` with the source's run folder locked."""
     if dtype not in EXPORT_DTYPES:
         raise QloraError(f"--dtype {dtype!r} is not one of {', '.join(EXPORT_DTYPES)}.")
     if base not in BASES:
@@ -269,6 +298,7 @@ def export_model(source: str | Path, out: str | Path, dtype: str = "bf16", base:
                                  f"({len(missing)} missing); use --base dequantized.")
         sizes = [(k, logical_shape(t).numel() * _out_dtype(t, out_dtype).itemsize) for k, t in keys]
         plan = plan_shards(sizes, max_bytes)
+        require_space(out, sum(n for _, n in sizes))  # before the merge, not after an hour of it
         names = shard_names(len(plan))
         tensors = dict(keys)
         with atomic_dir(out, overwrite=overwrite) as tmp:

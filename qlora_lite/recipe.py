@@ -404,14 +404,20 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | tuple = ()) -> R
         path (str | PathLike): the YAML file.
         overrides (list[str]): `section.key=value` strings. Default ().
     """
+    from .readers import read_yaml
+
     p = Path(path)
     if not p.is_file():
         raise RecipeError(f"Recipe file {str(p)!r} not found; pass a path such as recipes/tiny-cpu-sft.yaml.")
     try:
-        raw = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise RecipeError(f"Recipe {str(p)!r} is not valid YAML: {e}") from None
-    return recipe_from_dict(apply_overrides(raw, list(overrides)))
+        raw = read_yaml(p, RECIPE_FIX, kind=None) or {}  # BOM and CRLF are fine; recipe_from_dict checks the kind
+        return recipe_from_dict(apply_overrides(raw, list(overrides)))
+    except QloraError as e:
+        # Named by file: a run folder's own recipe.yaml may be the one that is damaged.
+        raise RecipeError(str(e) if str(p) in str(e) else f"{p}: {e}") from None
+
+
+RECIPE_FIX = "fix it, or for a run folder's own recipe.yaml copy the recipe the run was started with over it"
 
 
 def save_recipe(recipe: Recipe, path: str | os.PathLike) -> None:

@@ -8,7 +8,6 @@ import json
 import math
 import random
 import resource
-import shutil
 import signal
 import sys
 import time
@@ -29,7 +28,9 @@ from .lora import attach_lora, lora_parameters, trainable_summary
 from .loss import causal_lm_loss
 from .model import cache_root, load_model, load_tokenizer, pick_device
 from .optim import build_optimizer, build_scheduler
+from .readers import read_log
 from .recipe import Recipe, save_recipe
+from .runlock import clear_run_folder, has_content, run_lock
 
 EXIT_INTERRUPTED = 130  # the shell's code for "stopped by SIGINT"
 DEMO_NEW_TOKENS = 24  # enough for the demo's one-line answers
@@ -67,6 +68,13 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False, demo: b
         overwrite (bool): delete a previous run in the output folder first. Default False.
         demo (bool): print eval loss and a generation before and after training. Default False.
     """
+    # One process owns a run folder, from before the first write to the summary (runlock.py).
+    with run_lock(recipe.output.dir, "run --resume" if resume else "run"):
+        return _train_locked(recipe, resume, overwrite, demo)
+
+
+def _train_locked(recipe: Recipe, resume: bool, overwrite: bool, demo: bool) -> dict:
+    """`train` with the run folder's lock held."""
     cfg, t = recipe, recipe.train
     if cfg.data is None:
         raise QloraError("The recipe has no `data` section; add `data: {path: ...}`.")
@@ -204,10 +212,10 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False, demo: b
 def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool = False) -> None:
     if overwrite and run_dir.exists():
         # Only ever delete a run folder (or an empty one): output.dir=. must not wipe a project.
-        if any(run_dir.iterdir()) and not any((run_dir / n).exists() for n in RUN_MARKERS):
+        if has_content(run_dir) and not any((run_dir / n).exists() for n in RUN_MARKERS):
             raise QloraError(f"--overwrite: {str(run_dir)!r} is not a qlora-lite run folder (no "
                              f"{', '.join(RUN_MARKERS)}); refusing to delete it. Choose another output.dir.")
-        shutil.rmtree(run_dir)
+        clear_run_folder(run_dir)  # keeps the lock this process holds
     if resume:
         if latest_checkpoint(run_dir) is None:
             raise QloraError(f"--resume: no checkpoint in {str(run_dir / 'checkpoints')!r}; "
@@ -347,12 +355,12 @@ def truncate_metrics(path: Path, step: int) -> None:
     """Drop records logged after the checkpoint we resume from, so the file reads as one run."""
     if not path.exists():
         return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    atomic_write_text(path, "".join(line + "\n" for line in keep))
+    keep = [r for r in read_log(path) if r.get("step", 0) <= step]  # read_log: a line cut by kill -9 is dropped
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in keep))
 
 
 def last_logged_loss(path: Path) -> float | None:
-    losses = [json.loads(line).get("loss") for line in path.read_text().splitlines() if line.strip()]
+    losses = [r.get("loss") for r in read_log(path)]
     losses = [x for x in losses if x is not None]
     return losses[-1] if losses else None
 
