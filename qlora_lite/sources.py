@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 from .errors import QloraError
-from .readers import damaged, open_text, read_text, text_encoding
+from .readers import not_text, open_text, read_text, text_encoding
 
 LOCAL_SUFFIXES = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 DATA_FIX = "set data.path to a .json/.jsonl/.parquet/.csv file or a Hub data set id."
@@ -61,7 +61,7 @@ def load_rows(path: str, split: str = "train") -> tuple[list[dict], dict]:
 def _read_jsonl(p: Path) -> list[dict]:
     # Checked line by line ourselves: datasets' own error names neither the file nor the line.
     # open_text drops a byte-order mark and reads CRLF as LF (files saved on Windows).
-    rows, n = [], 0
+    rows = []
     try:
         with open_text(p, DATA_FIX) as f:
             for n, line in enumerate(f, 1):
@@ -75,13 +75,13 @@ def _read_jsonl(p: Path) -> list[dict]:
                     raise QloraError(f"{p}:{n}: expected a JSON object per line, got {type(row).__name__}.")
                 rows.append(row)
     except UnicodeDecodeError:
-        raise damaged(p, f"not UTF-8 text after line {n}", "save it as UTF-8") from None
+        raise not_text(p, "fix or remove that line") from None
     return rows
 
 
 def _read_json(p: Path) -> list[dict]:
     try:
-        data = json.loads(read_text(p, "save it as UTF-8"))
+        data = json.loads(read_text(p, "fix that line"))
     except json.JSONDecodeError as e:
         raise QloraError(f"{p}:{e.lineno}: not valid JSON ({e.msg}, column {e.colno}).") from None
     if not (isinstance(data, list) and all(isinstance(r, dict) for r in data)):
