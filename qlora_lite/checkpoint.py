@@ -56,6 +56,7 @@ def save_checkpoint(run_dir: str | Path, model, lora_cfg: LoraConfig, base_name:
         keep_last (int): checkpoints to keep.
     """
     final = Path(run_dir) / "checkpoints" / f"step-{state['step']}"
+    remove_partial_checkpoints(run_dir)
     try:
         with atomic_dir(final, overwrite=True) as tmp:
             save_adapter(model, tmp / "adapter", lora_cfg, base_name)
@@ -80,6 +81,17 @@ def save_checkpoint(run_dir: str | Path, model, lora_cfg: LoraConfig, base_name:
     for old in checkpoint_dirs(run_dir)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def remove_partial_checkpoints(run_dir: str | Path) -> None:
+    """Delete temporary checkpoint folders a killed process left (kill -9 mid-save).
+
+    Safe because the run folder's lock (runlock.py) says no other process is writing here.
+    """
+    root = Path(run_dir) / "checkpoints"
+    if root.is_dir():
+        for p in root.glob(".step-*"):  # .tmp being written, .old being replaced
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def load_checkpoint(path: str | Path, model, optimizer, scheduler) -> dict:
