@@ -33,9 +33,18 @@ class NoSpaceError(QloraError):
 
     def __init__(self, path, nbytes: int | None, reason: str, note: str = ""):
         self.path, self.nbytes, self.reason, self.note = Path(path), nbytes, reason, note
-        need = f"{nbytes:,} bytes ({nbytes / 2**20:.2f} MiB)" if nbytes is not None else "more space than is left"
+        need = f"{nbytes:,} bytes ({human_bytes(nbytes)})" if nbytes is not None else "more space than is left"
+        limit = " (or raise the file-size limit, ulimit -f)" if reason == os.strerror(errno.EFBIG) else ""
         super().__init__(f"could not write {str(path)!r}: {reason}. It needed {need}; free at least that much on "
-                         f"its disk (or raise the file-size limit, ulimit -f) and run the command again.{note}")
+                         f"its disk{limit} and run the command again.{note}")
+
+
+def human_bytes(n: int) -> str:
+    """Decimal units, as disks and `df -H` count them."""
+    for unit, size in (("GB", 10**9), ("MB", 10**6), ("kB", 10**3)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} B"
 
 
 def space_errno(e: BaseException) -> int | None:
@@ -132,4 +141,4 @@ def require_space(path: str | os.PathLike, nbytes: int) -> None:
         where = where.parent
     free = shutil.disk_usage(where).free
     if free < nbytes:
-        raise NoSpaceError(path, nbytes, f"only {free:,} bytes are free on its disk")
+        raise NoSpaceError(path, nbytes, f"only {human_bytes(free)} are free on its disk")

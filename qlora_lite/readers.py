@@ -62,21 +62,21 @@ def read_text(path, fix: str) -> str:
         with open_text(path, fix) as f:
             return f.read()
     except UnicodeDecodeError:
-        raise not_text(path, fix) from None
+        raise not_text(path) from None
 
 
-def not_text(path, fix: str) -> QloraError:
+def not_text(path) -> QloraError:
     """The error for a file that is not UTF-8 (or UTF-16 with a BOM): names the first bad line."""
     enc = text_encoding(path)
-    if enc == "utf-8-sig":  # decoding happens in chunks: find the line again, byte by line
+    if enc == "utf-8-sig":  # decoding happens in chunks: find the line again, line by line
         with open(path, "rb") as f:
             for n, line in enumerate(f, 1):
                 try:
                     line.decode(enc)
                 except UnicodeDecodeError as e:
-                    return damaged(path, f"line {n} is not UTF-8 text (byte {line[e.start:e.start + 1]!r}); "
-                                         "save the file as UTF-8", fix)
-    return damaged(path, f"not {enc} text; save the file as UTF-8", fix)
+                    return QloraError(f"{str(path)!r}: line {n} is not UTF-8 text (byte 0x{line[e.start]:02x}); "
+                                      "save the file as UTF-8.")
+    return QloraError(f"{str(path)!r} is not {enc} text; save the file as UTF-8.")
 
 
 def read_json(path, fix: str, kind: type | None = dict):

@@ -85,10 +85,11 @@ def run_lock(folder: str | Path, command: str = "run", enabled: bool = True, cre
 
 def owning_run(path: str | Path) -> Path | None:
     """The run folder that `path` (a run, its adapter/ or checkpoints/step-N/adapter) lies in, if any."""
-    p = Path(path).resolve()
-    for candidate in (p, *p.parents[:3]):
-        if (candidate / LOCK_NAME).is_file():
-            return candidate
+    # Lexical parents first, so messages show the folder as the user typed it.
+    for p in (Path(path), Path(path).resolve()):
+        for candidate in (p, *p.parents[:3]):
+            if (candidate / LOCK_NAME).is_file():
+                return candidate
     return None
 
 

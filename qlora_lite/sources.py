@@ -75,7 +75,7 @@ def _read_jsonl(p: Path) -> list[dict]:
                     raise QloraError(f"{p}:{n}: expected a JSON object per line, got {type(row).__name__}.")
                 rows.append(row)
     except UnicodeDecodeError:
-        raise not_text(p, "fix or remove that line") from None
+        raise not_text(p) from None
     return rows
 
 

@@ -61,7 +61,7 @@ def test_a_file_that_does_not_fit_is_named_with_its_size_and_the_old_one_stays(t
     atomic_write_bytes(target, b"old")
     with file_size_limit(1000), pytest.raises(NoSpaceError) as e:
         atomic_write_bytes(target, b"x" * 5000)
-    assert str(e.value) == (f"could not write {str(target)!r}: File too large. It needed 5,000 bytes (0.00 MiB); "
+    assert str(e.value) == (f"could not write {str(target)!r}: File too large. It needed 5,000 bytes (5.0 kB); "
                             "free at least that much on its disk (or raise the file-size limit, ulimit -f) and run "
                             "the command again.")
     assert (e.value.path, e.value.nbytes) == (target, 5000)
@@ -105,8 +105,9 @@ def test_a_data_cache_that_does_not_fit_is_named(tmp_path):
 
 
 def test_require_space_fails_before_a_long_job(tmp_path):
-    with pytest.raises(NoSpaceError, match=r"could not write '.*/out': only [\d,]+ bytes are free on its disk\. "
-                                           r"It needed 1,000,000,000,000,000,000 bytes"):
+    with pytest.raises(NoSpaceError, match=r"could not write '.*/out': only [\d.]+ [kMG]?B are free on its disk\. "
+                                           r"It needed 1,000,000,000,000,000,000 bytes \(1000000000.0 GB\); "
+                                           r"free at least that much on its disk and run"):
         require_space(tmp_path / "out", 10**18)
     require_space(tmp_path / "out", 1)
 
