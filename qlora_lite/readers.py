@@ -138,7 +138,7 @@ def torch_load(path, fix: str):
     if not Path(path).is_file():
         raise _missing(path, fix)
     try:
-        return torch.load(path, weights_only=True, map_location="cpu")
+        return torch.load(path, weights_only=True)
     except EOFError:
         raise damaged(path, "empty or cut short", fix) from None
     except pickle.UnpicklingError:

@@ -381,7 +381,11 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     path = key.strip().split(".")
     if len(path) < 2 or not all(path):
         raise RecipeError(f"--set expects section.key=value, got {text!r} (e.g. --set train.lr=1e-4).")
-    return path, yaml.safe_load(value)
+    try:
+        return path, yaml.safe_load(value)
+    except yaml.YAMLError as e:
+        raise RecipeError(f"--set {text}: the value is not valid YAML ({getattr(e, 'problem', e)}); quote it, "
+                          "e.g. --set 'data.chat_template=\"...\"'.") from None
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
