@@ -142,3 +142,20 @@ def require_space(path: str | os.PathLike, nbytes: int) -> None:
     free = shutil.disk_usage(where).free
     if free < nbytes:
         raise NoSpaceError(path, nbytes, f"only {human_bytes(free)} are free on its disk")
+
+
+def write_safetensors(tensors: dict, path: str | os.PathLike, metadata: dict | None = None) -> None:
+    """safetensors' save_file into a folder from `atomic_dir`, lack of space raised as NoSpaceError.
+
+    Straight to the file, not through a bytes copy: an export shard can be gigabytes.
+    """
+    from safetensors.torch import save_file
+
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except Exception as e:  # safetensors reports the OS error inside its own message
+        code = space_errno(e)
+        if code is None:
+            raise
+        nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+        raise NoSpaceError(path, nbytes, os.strerror(code)) from None

@@ -12,7 +12,6 @@ only when complete.
 from __future__ import annotations
 
 import datetime
-import os
 import re
 import time
 from contextlib import ExitStack, nullcontext
@@ -23,7 +22,7 @@ import torch
 
 from .adapter import CONFIG_NAME, check_adapter_fits, read_adapter_config, read_adapter_weights
 from .errors import QloraError
-from .atomic import NoSpaceError, atomic_dir, atomic_write_json, atomic_write_text, require_space, space_errno
+from .atomic import atomic_dir, atomic_write_json, atomic_write_text, require_space, write_safetensors
 from .lora import merged_weight
 from .recipe import LoraConfig, ModelConfig, load_recipe
 from .runlock import owning_run, run_lock
@@ -117,19 +116,8 @@ def shard_names(n: int) -> list[str]:
 
 
 def write_shard(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    """One safetensors file (a module-level function so tests can make it fail).
-
-    Written by safetensors itself, not through a bytes copy: a shard is up to max_shard_size.
-    """
-    from safetensors.torch import save_file
-
-    try:
-        save_file(tensors, str(path), metadata={"format": "pt"})
-    except Exception as e:  # safetensors reports the OS error inside its own message
-        code = space_errno(e)
-        if code is None:
-            raise
-        raise NoSpaceError(path, sum(t.numel() * t.element_size() for t in tensors.values()), os.strerror(code)) from None
+    """One safetensors file (a module-level function so tests can make it fail)."""
+    write_safetensors(tensors, path, metadata={"format": "pt"})
 
 
 # ---------------------------------------------------------------- base tensors
