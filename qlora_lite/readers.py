@@ -62,11 +62,19 @@ def read_text(path, fix: str) -> str:
         with open_text(path, fix) as f:
             return f.read()
     except UnicodeDecodeError:
-        raise not_text(path) from None
+        raise not_text(path, fix) from None
 
 
-def not_text(path) -> QloraError:
-    """The error for a file that is not UTF-8 (or UTF-16 with a BOM): names the first bad line."""
+def not_text(path, fix: str = "") -> QloraError:
+    """The error for a file that is not UTF-8 (or UTF-16 with a BOM): binary, or its first bad line.
+
+    Args:
+        path (str | Path): the file.
+        fix (str): what to do when it holds binary data (another kind of file). Default "".
+    """
+    with open(path, "rb") as f:
+        if b"\0" in f.read(8192):
+            return QloraError(f"{str(path)!r} is not a text file (it holds binary data){'; ' + fix if fix else '.'}")
     enc = text_encoding(path)
     if enc == "utf-8-sig":  # decoding happens in chunks: find the line again, line by line
         with open(path, "rb") as f:
