@@ -6,18 +6,18 @@ them, so `peft.PeftModel.from_pretrained` loads ours and we load PEFT's.
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save
+from safetensors.torch import save
 
 from .atomic import atomic_write_bytes, atomic_write_json
 from .dtypes import dtype_name, torch_dtype
 from .errors import QloraError
 from .lora import LoRALinear, attach_lora, lora_modules, lora_state_dict
+from .readers import read_json, read_safetensors
 from .recipe import LoraConfig
 
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -29,6 +29,8 @@ _KEY = re.compile(r"^base_model\.model\.(.+)\.(lora_[AB])(?:\.default)?\.weight$
 OWN_KEY = "qlora_lite"
 # safetensors dtype tags of adapters PEFT wrote without OWN_KEY (PEFT trains fp32 adapters).
 _STORED_DTYPES = {"BF16": "bfloat16", "F32": "float32"}
+ADAPTER_FIX = ("copy the adapter folder again from where it came from, or use the adapter of one of the "
+               "run's checkpoints (checkpoints/step-N/adapter)")
 
 
 def adapter_config_dict(cfg: LoraConfig, targets: list[str], base_model_name_or_path: str,
@@ -87,13 +89,18 @@ def save_adapter(model, out_dir: str | Path, cfg: LoraConfig, base_model_name_or
     return len(blob)
 
 
-def read_adapter_config(adapter_dir: str | Path) -> tuple[LoraConfig, dict]:
-    """(LoraConfig, raw adapter_config.json) of a PEFT-format adapter folder."""
+def read_adapter_config(adapter_dir: str | Path, fix: str = ADAPTER_FIX) -> tuple[LoraConfig, dict]:
+    """(LoraConfig, raw adapter_config.json) of a PEFT-format adapter folder.
+
+    Args:
+        adapter_dir (str | Path): the folder.
+        fix (str): what to tell the user when the file is damaged. Default ADAPTER_FIX.
+    """
     d = Path(adapter_dir)
     path = d / CONFIG_NAME
     if not path.is_file():
         raise QloraError(f"{str(path)!r} not found: an adapter folder holds {CONFIG_NAME} and {WEIGHTS_NAME}.")
-    raw = json.loads(path.read_text())
+    raw = read_json(path, fix)
     if raw.get("peft_type", "LORA") != "LORA":
         raise QloraError(f"{str(path)!r}: peft_type {raw['peft_type']!r} is not supported, only LORA.")
     for key, ok in (("use_dora", False), ("bias", "none")):
@@ -103,9 +110,15 @@ def read_adapter_config(adapter_dir: str | Path) -> tuple[LoraConfig, dict]:
         raise QloraError(f"{str(path)!r}: per-module rank_pattern/alpha_pattern are not supported.")
     tm = raw.get("target_modules") or "all-linear"
     dtype = (raw.get(OWN_KEY) or {}).get("lora_dtype") or _stored_dtype(d)
-    cfg = LoraConfig(r=int(raw["r"]), alpha=float(raw["lora_alpha"]), dropout=float(raw.get("lora_dropout") or 0.0),
-                     target_modules=sorted(tm) if isinstance(tm, (list, set)) else tm,
-                     rslora=bool(raw.get("use_rslora", False)), dtype=dtype)
+    try:
+        cfg = LoraConfig(r=int(raw["r"]), alpha=float(raw["lora_alpha"]),
+                         dropout=float(raw.get("lora_dropout") or 0.0),
+                         target_modules=sorted(tm) if isinstance(tm, (list, set)) else tm,
+                         rslora=bool(raw.get("use_rslora", False)), dtype=dtype)
+    except KeyError as e:
+        raise QloraError(f"{str(path)!r} has no {e.args[0]!r}, which every LoRA adapter config has; {fix}") from None
+    except (TypeError, ValueError) as e:
+        raise QloraError(f"{str(path)!r}: {e}; {fix}") from None
     return cfg, raw
 
 
@@ -114,19 +127,27 @@ def _stored_dtype(adapter_dir: Path) -> str:
     path = adapter_dir / WEIGHTS_NAME
     if not path.is_file():
         return "bfloat16"
-    with safe_open(str(path), "pt") as f:
-        keys = list(f.keys())
-        tag = f.get_slice(keys[0]).get_dtype() if keys else ""
+    try:
+        with safe_open(str(path), "pt") as f:
+            keys = list(f.keys())
+            tag = f.get_slice(keys[0]).get_dtype() if keys else ""
+    except Exception:  # a damaged file is named by read_adapter_weights, which reads it next
+        return "bfloat16"
     return _STORED_DTYPES.get(tag, "bfloat16")
 
 
-def read_adapter_weights(adapter_dir: str | Path) -> dict[str, dict[str, torch.Tensor]]:
-    """{module path: {"lora_A": A, "lora_B": B}} from the adapter's safetensors file."""
+def read_adapter_weights(adapter_dir: str | Path, fix: str = ADAPTER_FIX) -> dict[str, dict[str, torch.Tensor]]:
+    """{module path: {"lora_A": A, "lora_B": B}} from the adapter's safetensors file.
+
+    Args:
+        adapter_dir (str | Path): the folder.
+        fix (str): what to tell the user when the file is damaged. Default ADAPTER_FIX.
+    """
     path = Path(adapter_dir) / WEIGHTS_NAME
     if not path.is_file():
         raise QloraError(f"{str(path)!r} not found; only safetensors adapters are read (no pickle).")
     modules: dict[str, dict[str, torch.Tensor]] = {}
-    for key, t in load_file(str(path)).items():
+    for key, t in read_safetensors(path, fix).items():
         m = _KEY.match(key)
         if m is None:
             raise QloraError(f"{str(path)!r}: unexpected tensor {key!r}; only LoRA A/B weights are supported.")
@@ -156,7 +177,8 @@ def check_adapter_fits(model, weights: dict[str, dict[str, torch.Tensor]]) -> No
                 f"(base linear is {d_in} -> {d_out}); was the adapter trained on another model?")
 
 
-def load_adapter(model, adapter_dir: str | Path, dtype: torch.dtype | None = None) -> LoraConfig:
+def load_adapter(model, adapter_dir: str | Path, dtype: torch.dtype | None = None,
+                 fix: str = ADAPTER_FIX) -> LoraConfig:
     """Attach (if needed) and fill LoRA layers from a PEFT-format adapter folder.
 
     Args:
@@ -164,9 +186,10 @@ def load_adapter(model, adapter_dir: str | Path, dtype: torch.dtype | None = Non
         adapter_dir (str | Path): folder with adapter_config.json + adapter_model.safetensors.
         dtype (torch.dtype | None): adapter dtype in memory; default the one the adapter was
             trained in (adapter_config.json's record, else its tensors' dtype).
+        fix (str): what to tell the user when a file is damaged. Default ADAPTER_FIX.
     """
-    cfg, _ = read_adapter_config(adapter_dir)
-    weights = read_adapter_weights(adapter_dir)
+    cfg, _ = read_adapter_config(adapter_dir, fix)
+    weights = read_adapter_weights(adapter_dir, fix)
     check_adapter_fits(model, weights)
     existing = lora_modules(model)
     if not existing:

@@ -21,8 +21,10 @@ from pathlib import Path
 import torch
 
 from .adapter import load_adapter, save_adapter
-from .atomic import atomic_dir, atomic_write_bytes, atomic_write_text
+from .atomic import NoSpaceError, atomic_dir, atomic_write_bytes, atomic_write_text
+from .errors import QloraError
 from .optim import restore_paged_state
+from .readers import read_json, torch_load
 from .recipe import LoraConfig
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -57,52 +59,90 @@ def save_checkpoint(run_dir: str | Path, model, lora_cfg: LoraConfig, base_name:
         scaler (torch.amp.GradScaler | None): saved when training in fp16. Default None.
     """
     final = Path(run_dir) / "checkpoints" / f"step-{state['step']}"
-    with atomic_dir(final, overwrite=True) as tmp:
-        save_adapter(model, tmp / "adapter", lora_cfg, base_name)
-        rng = {"torch": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state_all()
-        # Every file fsynced before the rename, so a power cut cannot leave an empty newest
-        # checkpoint after the older ones were pruned.
-        files = [("optimizer.pt", optimizer.state_dict()), ("scheduler.pt", scheduler.state_dict()), ("rng.pt", rng)]
-        if scaler is not None:
-            files.append(("scaler.pt", scaler.state_dict()))
-        for name, obj in files:
-            buf = io.BytesIO()
-            torch.save(obj, buf)
-            atomic_write_bytes(tmp / name, buf.getvalue())
-        full = dict(state, python_rng=_py_rng_to_json(random.getstate()))
-        atomic_write_text(tmp / "trainer_state.json", json.dumps(full, indent=2))
+    remove_partial_checkpoints(run_dir)
+    try:
+        with atomic_dir(final, overwrite=True) as tmp:
+            save_adapter(model, tmp / "adapter", lora_cfg, base_name)
+            rng = {"torch": torch.get_rng_state()}
+            if torch.cuda.is_available():
+                rng["cuda"] = torch.cuda.get_rng_state_all()
+            # Every file fsynced before the rename, so a power cut cannot leave an empty newest
+            # checkpoint after the older ones were pruned.
+            files = [("optimizer.pt", optimizer.state_dict()), ("scheduler.pt", scheduler.state_dict()),
+                     ("rng.pt", rng)] + ([("scaler.pt", scaler.state_dict())] if scaler is not None else [])
+            for name, obj in files:
+                buf = io.BytesIO()
+                torch.save(obj, buf)
+                atomic_write_bytes(tmp / name, buf.getvalue())
+            full = dict(state, python_rng=_py_rng_to_json(random.getstate()))
+            atomic_write_text(tmp / "trainer_state.json", json.dumps(full, indent=2))
+    except NoSpaceError as e:
+        # Older checkpoints are pruned only after a new one is complete, so the last one is intact.
+        prev = latest_checkpoint(run_dir)
+        note = (f" Checkpoint {str(prev)!r} is complete: continue from it with --resume."
+                if prev is not None else " No earlier checkpoint exists.")
+        raise NoSpaceError(e.path, e.nbytes, e.reason, note) from None
     for old in checkpoint_dirs(run_dir)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def remove_partial_checkpoints(run_dir: str | Path) -> None:
+    """Delete temporary checkpoint folders a killed process left (kill -9 mid-save).
+
+    Safe because the run folder's lock (runlock.py) says no other process is writing here.
+    """
+    root = Path(run_dir) / "checkpoints"
+    if root.is_dir():
+        for p in root.glob(".step-*"):  # .tmp being written, .old being replaced
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def load_checkpoint(path: str | Path, model, optimizer, scheduler, scaler=None) -> dict:
     """Restore adapter, optimizer, scheduler, GradScaler and RNG states; return the trainer state.
 
     Files are read onto the CPU, so a checkpoint written on a GPU resumes on a CPU-only machine
-    and the reverse: optimizers move their state to the parameters' device themselves.
+    and the reverse: optimizers move their state to the parameters' device themselves. A
+    damaged file (truncated copy, disk error, a file from elsewhere) raises QloraError naming it
+    and saying how to resume from the checkpoint before.
     """
     path = Path(path)
-    load_adapter(model, path / "adapter")
-    optimizer.load_state_dict(_load(path / "optimizer.pt"))
-    restore_paged_state(optimizer)
-    scheduler.load_state_dict(_load(path / "scheduler.pt"))
+    fix = (f"delete {str(path)!r} to resume from the checkpoint before it, or start over with --overwrite")
+    load_adapter(model, path / "adapter", fix=fix)
+    # torch_load uses weights_only: a checkpoint folder is data, never code.
+    targets = [("optimizer.pt", optimizer), ("scheduler.pt", scheduler)]
     if scaler is not None and (path / "scaler.pt").is_file():
-        scaler.load_state_dict(_load(path / "scaler.pt"))
-    rng = _load(path / "rng.pt")
-    torch.set_rng_state(rng["torch"])
-    if "cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
-    state = json.loads((path / "trainer_state.json").read_text())
-    random.setstate(_py_rng_from_json(state.pop("python_rng")))
+        targets.append(("scaler.pt", scaler))
+    for name, target in targets:
+        _load_state(path / name, target, fix)
+    restore_paged_state(optimizer)
+    rng = torch_load(path / "rng.pt", fix, map_location="cpu")
+    state = read_json(path / "trainer_state.json", fix)
+    try:
+        torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+    except (KeyError, TypeError, RuntimeError) as e:
+        raise QloraError(f"{str(path / 'rng.pt')!r} does not hold RNG states ({e!r}); {fix}") from None
+    missing = [k for k in ("step", "epoch", "batch_in_epoch", "python_rng") if k not in state]
+    try:
+        if missing:
+            raise KeyError(missing[0])
+        random.setstate(_py_rng_from_json(state.pop("python_rng")))
+    except (KeyError, TypeError, ValueError, IndexError) as e:
+        raise QloraError(f"{str(path / 'trainer_state.json')!r} is not a trainer state (missing or bad "
+                         f"{e!r}); {fix}") from None
     return state
 
 
-def _load(path: Path):
-    # weights_only: a checkpoint folder is data, never code.
-    return torch.load(path, map_location="cpu", weights_only=True)
+def _load_state(file: Path, target, fix: str) -> None:
+    """load_state_dict from a torch file; a file of another kind is named, not a KeyError."""
+    sd = torch_load(file, fix, map_location="cpu")
+    try:
+        target.load_state_dict(sd)
+    except (KeyError, ValueError, TypeError, AttributeError, RuntimeError) as e:
+        raise QloraError(f"{str(file)!r} does not hold this run's {type(target).__name__} state ({e!r}); "
+                         f"{fix}") from None
 
 
 def _py_rng_to_json(s):

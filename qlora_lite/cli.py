@@ -18,6 +18,15 @@ class _Group(click.Group):
         except (QloraError, FileNotFoundError, FileExistsError) as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(2)
+        except OSError as e:
+            from .atomic import space_errno
+
+            if space_errno(e) is None:
+                raise
+            # Our own writes say which file and how many bytes; this catches the rest (e.g. a log line).
+            click.echo(f"error: could not write {e.filename or 'a file'}: {e.strerror}. Free space on its disk "
+                       "and run the command again (a run continues from its last checkpoint with --resume).", err=True)
+            sys.exit(2)
 
 
 @click.group(cls=_Group)

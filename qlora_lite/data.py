@@ -27,6 +27,7 @@ import hashlib
 import json
 import os
 import random
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -301,7 +302,10 @@ def _load_tokenized(cfg, path, tokenizer, template, cache_dir):
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
     file = Path(cache_dir) / f"{Path(path).stem}-{digest}.safetensors" if cache_dir else None
     if file is not None and file.is_file():
-        return (*_read_cache(file), True)
+        try:
+            return (*_read_cache(file), True)
+        except QloraError as e:  # a cache is only a copy: rebuild it rather than stop the run
+            print(f"warning: {e}", file=sys.stderr)
     if rows is None:
         rows, _ = load_rows(path, cfg.split)
     if cfg.max_samples is not None:
@@ -330,11 +334,18 @@ def _write_cache(file: Path, samples: list[dict], meta: dict) -> None:
 
 
 def _read_cache(file: Path) -> tuple[list[dict], dict]:
-    from safetensors import safe_open
+    """(samples, meta) from a cache file; QloraError when it is damaged or not a cache file."""
+    from .readers import damaged, open_safetensors
 
-    with safe_open(str(file), framework="pt") as f:
-        meta = json.loads(f.metadata()["meta"])
-        ids, labels = f.get_tensor("input_ids").tolist(), f.get_tensor("labels").tolist()
-        offsets = f.get_tensor("offsets").tolist()
+    fix = "rebuilding it from the data file"
+    with open_safetensors(file, fix) as f:
+        try:
+            meta = json.loads((f.metadata() or {})["meta"])
+            ids, labels = f.get_tensor("input_ids").tolist(), f.get_tensor("labels").tolist()
+            offsets = f.get_tensor("offsets").tolist()
+        except (KeyError, json.JSONDecodeError) as e:
+            raise damaged(file, f"not a token cache: no {e!r}", fix) from None
+    if len(ids) != len(labels) or not offsets or offsets[-1] != len(ids) or offsets != sorted(offsets):
+        raise damaged(file, "token and offset tables disagree", fix)
     samples = [{"input_ids": ids[a:b], "labels": labels[a:b]} for a, b in zip(offsets, offsets[1:])]
     return samples, meta

@@ -13,7 +13,6 @@ optimizer step when gradients are not accumulated.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ from pathlib import Path
 from .dtypes import torch_dtype
 from .errors import QloraError
 from .memory import CATEGORIES, LABELS, MODES
+from .readers import read_json
 from .recipe import LORA_DTYPES, Recipe
 from .units import gib, parse_size
 
@@ -141,7 +141,7 @@ def load_arch(model: str) -> Arch:
         except Exception as e:  # network, auth, missing repo: all need the same advice
             raise QloraError(f"Could not read config.json of {model!r} from the Hub ({e}); pass a local "
                              "folder or config.json instead.") from None
-    cfg = json.loads(Path(path).read_text())
+    cfg = read_json(path, "pass a model's config.json (a Hugging Face model folder holds one)")
     cfg = cfg.get("text_config", cfg)
     try:
         return Arch(

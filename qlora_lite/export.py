@@ -12,15 +12,14 @@ only when complete.
 from __future__ import annotations
 
 import datetime
-import json
 import time
-from contextlib import ExitStack
+from contextlib import ExitStack, nullcontext
 from pathlib import Path
 
 import torch
 
 from .adapter import check_adapter_fits, read_adapter_config, read_adapter_weights
-from .atomic import atomic_dir, atomic_write_json, atomic_write_text
+from .atomic import atomic_dir, atomic_write_json, atomic_write_text, require_space, write_safetensors
 from .dtypes import SHORT_NAMES, torch_dtype
 from .errors import QloraError
 from .lora import merged_weight
@@ -28,6 +27,7 @@ from .model import load_model, pick_device, resolve_model_path
 from .quant import dequantized, is_4bit, logical_shape
 from .recipe import LoraConfig, ModelConfig
 from .runfolder import RunSource, resolve_source
+from .runlock import owning_run, run_lock
 from .units import parse_size
 from .verify import verify_export
 
@@ -59,9 +59,7 @@ def shard_names(n: int) -> list[str]:
 
 def write_shard(tensors: dict[str, torch.Tensor], path: Path) -> None:
     """One safetensors file (a module-level function so tests can make it fail)."""
-    from safetensors.torch import save_file
-
-    save_file(tensors, str(path), metadata={"format": "pt"})
+    write_safetensors(tensors, path, metadata={"format": "pt"})
 
 
 # ---------------------------------------------------------------- base tensors
@@ -90,26 +88,37 @@ class CheckpointReader:
     """Lazy access to the tensors of a safetensors checkpoint folder (single or sharded)."""
 
     def __init__(self, folder: Path, stack: ExitStack):
-        from safetensors import safe_open
+        from .readers import open_safetensors, read_json
 
+        fix = "download the base model again, or export with --base dequantized"
         index = folder / INDEX_NAME
         if index.is_file():
-            files = json.loads(index.read_text())["weight_map"]
+            files = read_json(index, fix).get("weight_map")
+            if not isinstance(files, dict):
+                raise QloraError(f"{str(index)!r} has no weight_map; {fix}")
         elif (folder / SINGLE_NAME).is_file():
-            with safe_open(str(folder / SINGLE_NAME), "pt") as f:
+            with open_safetensors(folder / SINGLE_NAME, fix) as f:
                 files = {k: SINGLE_NAME for k in f.keys()}
         else:
             raise QloraError(f"--base original needs the base's safetensors files, none in {str(folder)!r}; "
                              "use --base dequantized.")
-        self.files = files
-        self.handles = {name: stack.enter_context(safe_open(str(folder / name), "pt"))
+        self.folder, self.files, self.fix = folder, files, fix
+        self.handles = {name: stack.enter_context(open_safetensors(folder / name, fix))
                         for name in sorted(set(files.values()))}
 
     def __contains__(self, key: str) -> bool:
         return key in self.files
 
     def get(self, key: str) -> torch.Tensor:
-        return self.handles[self.files[key]].get_tensor(key)
+        from safetensors import SafetensorError
+
+        from .readers import damaged
+
+        name = self.files[key]
+        try:
+            return self.handles[name].get_tensor(key)
+        except SafetensorError as e:
+            raise damaged(self.folder / name, f"reading {key!r}: {e}", self.fix) from None
 
 
 def local_model_dir(cfg: ModelConfig, weights: bool) -> Path:
@@ -174,6 +183,14 @@ def export_model(source: str | Path, out: str | Path, dtype: str = "bf16", base:
     Returns:
         dict: what EXPORT.md records (shards, bytes, merged modules, seconds, verify numbers).
     """
+    # A run folder (or a checkpoint in one) that a training process is writing is refused (runlock.py).
+    run = owning_run(source)
+    with run_lock(run, "export", create=False) if run is not None else nullcontext():
+        return _export_locked(source, out, dtype, base, max_shard_size, model, verify, overwrite, log, device)
+
+
+def _export_locked(source, out, dtype, base, max_shard_size, model, verify, overwrite, log, device) -> dict:
+    """`export_model` with the source's run folder locked."""
     out = Path(out)
     _check_options(dtype, base, out, overwrite)
     max_bytes = parse_size(max_shard_size, "--max-shard-size")
@@ -195,6 +212,8 @@ def export_model(source: str | Path, out: str | Path, dtype: str = "bf16", base:
 
     with ExitStack() as stack:
         reader = _original_reader(src, keys, stack) if base == "original" else None
+        # Before the merge, not after an hour of it.
+        require_space(out, sum(logical_shape(t).numel() * _out_dtype(t, out_dtype).itemsize for _, t in keys))
         with atomic_dir(out, overwrite=overwrite) as tmp:
             shards, total = write_shards(tmp, keys, reader, adapter, lora_cfg, out_dtype, max_bytes, log)
             del keys, base_model  # free the 4-bit model before verify loads another

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from .atomic import atomic_write_text
+from .readers import read_log
 
 MAX_LOG_PPL = 50.0  # perplexity is reported as exp(min(loss, 50)): no float overflow on a diverged run
 
@@ -103,12 +104,12 @@ def truncate_metrics(path: Path, step: int) -> None:
     """Drop records logged after the checkpoint we resume from, so the file reads as one run."""
     if not path.exists():
         return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    atomic_write_text(path, "".join(line + "\n" for line in keep))
+    keep = [r for r in read_log(path) if r.get("step", 0) <= step]  # read_log: a line cut by kill -9 is dropped
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in keep))
 
 
 def last_logged_loss(path: Path) -> float | None:
-    losses = [json.loads(line).get("loss") for line in path.read_text().splitlines() if line.strip()]
+    losses = [r.get("loss") for r in read_log(path)]
     losses = [x for x in losses if x is not None]
     return losses[-1] if losses else None
 

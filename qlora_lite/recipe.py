@@ -389,7 +389,11 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     path = key.strip().split(".")
     if len(path) < 2 or not all(path):
         raise RecipeError(f"--set expects section.key=value, got {text!r} (e.g. --set train.lr=1e-4).")
-    return path, yaml.safe_load(value)
+    try:
+        return path, yaml.safe_load(value)
+    except yaml.YAMLError as e:
+        raise RecipeError(f"--set {text}: the value is not valid YAML ({getattr(e, 'problem', e)}); quote it, "
+                          "e.g. --set 'data.chat_template=\"...\"'.") from None
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
@@ -412,14 +416,20 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | tuple = ()) -> R
         path (str | PathLike): the YAML file.
         overrides (list[str]): `section.key=value` strings. Default ().
     """
+    from .readers import read_yaml
+
     p = Path(path)
     if not p.is_file():
         raise RecipeError(f"Recipe file {str(p)!r} not found; pass a path such as recipes/tiny-cpu-sft.yaml.")
     try:
-        raw = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise RecipeError(f"Recipe {str(p)!r} is not valid YAML: {e}") from None
-    return recipe_from_dict(apply_overrides(raw, list(overrides)))
+        raw = read_yaml(p, RECIPE_FIX, kind=None) or {}  # BOM and CRLF are fine; recipe_from_dict checks the kind
+        return recipe_from_dict(apply_overrides(raw, list(overrides)))
+    except QloraError as e:
+        # Named by file: a run folder's own recipe.yaml may be the one that is damaged.
+        raise RecipeError(str(e) if str(p) in str(e) else f"{p}: {e}") from None
+
+
+RECIPE_FIX = "fix it, or for a run folder's own recipe.yaml copy the recipe the run was started with over it"
 
 
 def save_recipe(recipe: Recipe, path: str | os.PathLike) -> None:

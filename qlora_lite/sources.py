@@ -10,8 +10,10 @@ import json
 from pathlib import Path
 
 from .errors import QloraError
+from .readers import not_text, open_text, read_text, text_encoding
 
 LOCAL_SUFFIXES = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+DATA_FIX = "set data.path to a .json/.jsonl/.parquet/.csv file or a Hub data set id."
 
 
 
@@ -58,24 +60,28 @@ def load_rows(path: str, split: str = "train") -> tuple[list[dict], dict]:
 
 def _read_jsonl(p: Path) -> list[dict]:
     # Checked line by line ourselves: datasets' own error names neither the file nor the line.
+    # open_text drops a byte-order mark and reads CRLF as LF (files saved on Windows).
     rows = []
-    with open(p, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise QloraError(f"{p}:{n}: not valid JSON ({e.msg}, column {e.colno}); fix or remove the line.") from None
-            if not isinstance(row, dict):
-                raise QloraError(f"{p}:{n}: expected a JSON object per line, got {type(row).__name__}.")
-            rows.append(row)
+    try:
+        with open_text(p, DATA_FIX) as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise QloraError(f"{p}:{n}: not valid JSON ({e.msg}, column {e.colno}); fix or remove the line.") from None
+                if not isinstance(row, dict):
+                    raise QloraError(f"{p}:{n}: expected a JSON object per line, got {type(row).__name__}.")
+                rows.append(row)
+    except UnicodeDecodeError:
+        raise not_text(p) from None
     return rows
 
 
 def _read_json(p: Path) -> list[dict]:
     try:
-        data = json.loads(p.read_text(encoding="utf-8"))
+        data = json.loads(read_text(p, "fix that line"))
     except json.JSONDecodeError as e:
         raise QloraError(f"{p}:{e.lineno}: not valid JSON ({e.msg}, column {e.colno}).") from None
     if not (isinstance(data, list) and all(isinstance(r, dict) for r in data)):
@@ -86,10 +92,15 @@ def _read_json(p: Path) -> list[dict]:
 def _read_with_datasets(builder: str, path: str) -> list[dict]:
     import datasets
 
+    # pandas drops a UTF-8 byte-order mark itself; UTF-16 (Excel's "Unicode text") must be named.
+    kwargs = {"encoding": text_encoding(path)} if builder == "csv" else {}
     try:
-        return datasets.load_dataset(builder, data_files=path, split="train").to_list()
+        rows = datasets.load_dataset(builder, data_files=path, split="train", **kwargs).to_list()
     except Exception as e:
         raise QloraError(f"could not read {path!r} as {builder}: {e}") from None
+    if builder == "csv":  # a quoted multi-line cell keeps the file's CRLF line ends
+        rows = [{k: v.replace("\r\n", "\n") if isinstance(v, str) else v for k, v in r.items()} for r in rows]
+    return rows
 
 
 def _read_hub(name: str, split: str) -> tuple[list[dict], dict]:

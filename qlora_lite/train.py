@@ -7,7 +7,6 @@ log, eval, checkpoint. Everything else lives in its own module.
 from __future__ import annotations
 
 import random
-import shutil
 import signal
 import sys
 import time
@@ -32,6 +31,7 @@ from .metrics import (LogWindow, MetricsLog, format_summary, last_logged_loss, l
 from .model import cache_root, load_model, load_tokenizer, pick_device
 from .optim import build_optimizer, build_scheduler
 from .recipe import Recipe, save_recipe
+from .runlock import clear_run_folder, has_content, run_lock
 from .step import NonFiniteLoss, autocast_context, grad_scaler, to_device, train_step
 
 EXIT_INTERRUPTED = 130  # the shell's code for "stopped by SIGINT"
@@ -122,11 +122,13 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False, demo: b
         overwrite (bool): delete a previous run in the output folder first. Default False.
         demo (bool): eval loss and a generation before and after training. Default False.
     """
-    run = setup_run(recipe, resume=resume, overwrite=overwrite)
-    before = _demo(run) if demo else None
-    fit(run)
-    extra = {"demo": {"before": before, "after": _demo(run)}} if before is not None else {}
-    return finish(run, extra)
+    # One process owns a run folder, from before its first write to the summary (runlock.py).
+    with run_lock(recipe.output.dir, "run --resume" if resume else "run"):
+        run = setup_run(recipe, resume=resume, overwrite=overwrite)
+        before = _demo(run) if demo else None
+        fit(run)
+        extra = {"demo": {"before": before, "after": _demo(run)}} if before is not None else {}
+        return finish(run, extra)
 
 
 def _demo(run: Run) -> dict | None:
@@ -289,10 +291,10 @@ RESUMABLE_CHANGES = {"train.max_steps", "train.epochs", "train.log_every", "trai
 def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool = False) -> None:
     if overwrite and run_dir.exists():
         # Only ever delete a run folder (or an empty one): output.dir=. must not wipe a project.
-        if any(run_dir.iterdir()) and not any((run_dir / n).exists() for n in RUN_MARKERS):
+        if has_content(run_dir) and not any((run_dir / n).exists() for n in RUN_MARKERS):
             raise QloraError(f"--overwrite: {str(run_dir)!r} is not a qlora-lite run folder (no "
                              f"{', '.join(RUN_MARKERS)}); refusing to delete it. Choose another output.dir.")
-        shutil.rmtree(run_dir)
+        clear_run_folder(run_dir)  # keeps the lock this process holds
     if resume:
         if latest_checkpoint(run_dir) is None:
             raise QloraError(f"--resume: no checkpoint in {str(run_dir / 'checkpoints')!r}; "

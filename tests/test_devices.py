@@ -56,7 +56,7 @@ def test_a_checkpoint_written_on_a_gpu_resumes_on_the_cpu(tmp_path, tiny_llama, 
                loss_chunk_size=0)
     with monkeypatch.context() as m:  # only the location tag: the bytes are what a GPU would write
         m.setattr(ser, "location_tag", lambda storage: "cuda:0")
-        ckpt = save_checkpoint(tmp_path, model, LoraConfig(r=4, alpha=8), tiny_llama, opt, sched, {"step": 1}, 1)
+        ckpt = save_checkpoint(tmp_path, model, LoraConfig(r=4, alpha=8), tiny_llama, opt, sched, {"step": 1, "epoch": 0, "batch_in_epoch": 1}, 1)
     if not cuda:
         with pytest.raises(RuntimeError, match="CUDA"):
             torch.load(Path(ckpt) / "optimizer.pt", weights_only=True)  # what a plain load would do

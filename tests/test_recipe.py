@@ -65,6 +65,8 @@ def test_overrides_apply_before_validation(tmp_path):
         load_recipe(path, ["train.lrr=1"])
     with pytest.raises(RecipeError, match="section.key=value"):
         apply_overrides({}, ["lr"])
+    with pytest.raises(RecipeError, match=r"--set train.lr=\[1: the value is not valid YAML"):
+        apply_overrides({}, ["train.lr=[1"])
 
 
 def test_saved_recipe_round_trips(tmp_path):

@@ -149,6 +149,7 @@ def reference_worker(spec: dict) -> dict:
 
 def lite_worker(spec: dict) -> dict:
     """qlora-lite through its public API: a recipe dict, `recipe_from_dict`, `train`."""
+    from qlora_lite.readers import read_json, read_log
     from qlora_lite.recipe import recipe_from_dict, parse_override
     from qlora_lite.train import train
 
@@ -172,11 +173,10 @@ def lite_worker(spec: dict) -> dict:
             node = node.setdefault(key, {})
         node[path[-1]] = value
     summary = train(recipe_from_dict(raw))
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    records = [r for r in records if "loss" in r]
+    records = [r for r in read_log(out / "metrics.jsonl") if "loss" in r]
     trained = [r["trained_tokens"] for r in records]
     per_step = [[b - a, r["loss"]] for a, b, r in zip([0] + trained, trained, records)]
-    data = json.loads((out / "data_summary.json").read_text())
+    data = read_json(out / "data_summary.json", "run the benchmark again")
     # summary["tokens"] counts a packed row's tail padding; the data summary counts only real tokens,
     # and one epoch trains each of them once.
     return {"tokens": data["tokens"], "trained_tokens": summary["trained_tokens"],

@@ -178,7 +178,7 @@ def check_paged(device: str, work: Path) -> dict:
 
     before = paged_count(opt)
     ckpt = save_checkpoint(work / "prun", model, LoraConfig(r=128, alpha=256), str(path), opt, sched,
-                           {"step": 1}, keep_last=1)
+                           {"step": 1, "epoch": 0, "batch_in_epoch": 1}, keep_last=1)
     opt2 = build_optimizer("paged_adamw_8bit", params, 1e-4, 0.0)
     load_checkpoint(ckpt, model, opt2, build_scheduler(opt2, "constant", 0, 10))
     after = paged_count(opt2)
