@@ -52,12 +52,14 @@ def run(recipe, overrides, resume, overwrite, demo):
 @click.option("--verify", is_flag=True, help="Compare the export's logits with the 4-bit base + adapter.")
 @click.option("--model", "model", default=None, help="Base model, overriding the run's recipe / adapter_config.json.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out folder.")
-def export(source, out, dtype, base, max_shard_size, verify, model, overwrite):
+@click.option("--gguf", type=click.Choice(["f16", "bf16", "q8_0"]), default=None,
+              help="Also write the model as GGUF (llama.cpp's converter) with an Ollama Modelfile.")
+def export(source, out, dtype, base, max_shard_size, verify, model, overwrite, gguf):
     """Merge the adapter of SOURCE (a run or adapter folder) into its base; write a HF model folder."""
     from .export import export_model
 
     info = export_model(source, out, dtype=dtype, base=base, max_shard_size=max_shard_size, model=model,
-                        verify=verify, overwrite=overwrite, log=lambda m: click.echo(m, err=True))
+                        verify=verify, overwrite=overwrite, gguf=gguf, log=lambda m: click.echo(m, err=True))
     click.echo(f"exported {info['merged_modules']} merged modules, {info['shards']} shard(s), "
                f"{info['total_bytes'] / 1e9:.3f} GB to {out} in {info['seconds']} s")
     v = info.get("verify")
@@ -65,6 +67,8 @@ def export(source, out, dtype, base, max_shard_size, verify, model, overwrite):
         click.echo(f"verify: max |logit diff| {v['max_abs_logit_diff']:.4g}, mean {v['mean_abs_logit_diff']:.4g} "
                    f"(logits up to {v['max_abs_logit']:.4g}), "
                    f"argmax agreement {v['argmax_agreement']:.3f}, greedy tokens agree: {v['greedy_agree']}")
+    if info.get("gguf"):
+        click.echo(f"wrote {out}/{info['gguf']['file']} and {out}/Modelfile")
 
 
 @main.command()

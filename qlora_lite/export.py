@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from . import gguf_export
 from .adapter import CONFIG_NAME, check_adapter_fits, read_adapter_config, read_adapter_weights
 from .errors import QloraError
 from .atomic import atomic_dir, atomic_write_json, atomic_write_text
@@ -219,7 +220,7 @@ def load_base(cfg: ModelConfig, base: str):
 
 def export_model(source: str | Path, out: str | Path, dtype: str = "bf16", base: str = "dequantized",
                  max_shard_size: str | int = "2GB", model: str | None = None, verify: bool = False,
-                 overwrite: bool = False, log=print) -> dict:
+                 overwrite: bool = False, gguf: str | None = None, log=print) -> dict:
     """Merge the adapter of a run (or a bare adapter) into its base; write a Hugging Face folder.
 
     Args:
@@ -232,6 +233,7 @@ def export_model(source: str | Path, out: str | Path, dtype: str = "bf16", base:
         model (str | None): base model overriding the one the source names. Default None.
         verify (bool): compare the export's logits with the 4-bit base + adapter. Default False.
         overwrite (bool): replace an existing `out`. Default False.
+        gguf (str | None): also write a GGUF ("f16", "bf16", "q8_0") and an Ollama Modelfile. Default None.
         log (callable): progress printer. Default print.
 
     Returns:
@@ -249,6 +251,8 @@ def export_model(source: str | Path, out: str | Path, dtype: str = "bf16", base:
     lora_cfg, _ = read_adapter_config(src.adapter_dir)
     adapter = read_adapter_weights(src.adapter_dir)
     out_dtype = EXPORT_DTYPES[dtype]
+    if gguf:
+        gguf_export.check_convertible(local_model_dir(src.model, False), gguf)
     t0 = time.perf_counter()
 
     base_model = load_base(src.model, base)
@@ -295,6 +299,8 @@ def export_model(source: str | Path, out: str | Path, dtype: str = "bf16", base:
                 from .verify import verify_export
 
                 info["verify"] = verify_export(tmp, src)
+            if gguf:
+                info["gguf"] = gguf_export.write_gguf(tmp, gguf, log)
             atomic_write_text(tmp / "EXPORT.md", export_card(info))
     return info
 
@@ -377,5 +383,9 @@ def export_card(info: dict) -> str:
                   f"- max |logit diff|: {v['max_abs_logit_diff']:.4g}, mean: {v['mean_abs_logit_diff']:.4g} "
                   f"(logits up to {v['max_abs_logit']:.4g})",
                   f"- argmax agreement: {v['argmax_agreement']:.3f}; greedy tokens agree: {v['greedy_agree']}"]
+    g = info.get("gguf")
+    if g:
+        lines += ["", f"GGUF ({g['type']}, llama.cpp's converter): `{g['file']}`, {g['bytes'] / 1e6:.1f} MB; "
+                  f"Ollama: `ollama create NAME -f Modelfile` (stop: {', '.join(g['stop'])})."]
     lines += ["", "Load with `AutoModelForCausalLM.from_pretrained(<this folder>)`; no bitsandbytes needed.", ""]
     return "\n".join(lines)
