@@ -195,6 +195,8 @@ class TrainConfig:
         loss_chunk_size (int): tokens per chunk of the chunked cross-entropy; 0 computes
             the plain loss over full fp32 logits. Default 1024.
         device (str): "auto" (CUDA when available), "cuda" or "cpu". Default "auto".
+        report_to (list[str]): experiment trackers that also get the metrics, each an extra:
+            "tensorboard", "wandb", "mlflow" (qlora_lite/tracking.py). Default [] (metrics.jsonl only).
     """
 
     seed: int = 42
@@ -215,6 +217,7 @@ class TrainConfig:
     keep_last: int = 2
     loss_chunk_size: int = 1024
     device: str = "auto"
+    report_to: Any = field(default_factory=list)
 
     def __post_init__(self):
         _check_positive("train.epochs", self.epochs)
@@ -236,9 +239,18 @@ class TrainConfig:
         _check_positive("train.keep_last", self.keep_last)
         _check_nonnegative("train.loss_chunk_size", self.loss_chunk_size)
         _check_choice("train.device", self.device, ("auto", "cuda", "cpu"))
+        if self.report_to in (None, "none"):
+            self.report_to = []
+        elif isinstance(self.report_to, str):
+            self.report_to = [self.report_to]
+        if not isinstance(self.report_to, list):
+            raise RecipeError(f"train.report_to must be a list of {', '.join(TRACKERS)}, got {self.report_to!r}.")
+        for name in self.report_to:
+            _check_choice("train.report_to entry", name, TRACKERS)
 
 
 OPTIMIZERS = ("paged_adamw_8bit", "paged_adamw_32bit", "adamw_8bit", "adamw")
+TRACKERS = ("tensorboard", "wandb", "mlflow")
 
 
 @dataclass

@@ -30,6 +30,7 @@ from .loss import causal_lm_loss
 from .model import cache_root, load_model, load_tokenizer, pick_device
 from .optim import build_optimizer, build_scheduler
 from .recipe import Recipe, save_recipe
+from .tracking import open_trackers
 
 EXIT_INTERRUPTED = 130  # the shell's code for "stopped by SIGINT"
 DEMO_NEW_TOKENS = 24  # enough for the demo's one-line answers
@@ -75,6 +76,7 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False, demo: b
     if resume:
         check_resumable(cfg, run_dir / "recipe.yaml")
     save_recipe(cfg, run_dir / "recipe.yaml")
+    tracker = open_trackers(cfg, run_dir, resume)  # report_to: fails here if a library is missing
     seed_everything(t.seed)
     device = pick_device(t.device)
 
@@ -123,7 +125,7 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False, demo: b
     window = state.pop("window", None) or {"loss": 0.0, "trained": 0, "tokens": 0, "time": 0.0}
     last_eval = None
     model.train()
-    with interrupt, metrics_file, bar:
+    with interrupt, metrics_file, bar, tracker:
         while state["step"] < total_steps:
             t0 = time.perf_counter()
             # Normalise by the trained tokens of the whole step so that gradient accumulation
@@ -162,10 +164,11 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False, demo: b
                 record = log_record(state, window, scheduler.get_last_lr()[0], grad_norm, device)
                 metrics_file.write(json.dumps(record) + "\n")
                 metrics_file.flush()
+                tracker.log(record)
                 bar.write(format_record(record))
                 window = {k: 0 if k != "loss" else 0.0 for k in window}
             if eval_set and t.eval_every and state["step"] % t.eval_every == 0 and state["step"] != total_steps:
-                last_eval = log_eval(metrics_file, bar, state["step"], evaluate())
+                last_eval = log_eval(metrics_file, bar, state["step"], evaluate(), tracker)
                 model.train()
             if (t.save_every and state["step"] % t.save_every == 0) or interrupt.requested:
                 save_checkpoint(run_dir, model, cfg.lora, cfg.model.name_or_path, optimizer, scheduler,
@@ -174,7 +177,7 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False, demo: b
                 raise Interrupted(f"checkpoint saved at step {state['step']}")
 
         if eval_set:
-            last_eval = log_eval(metrics_file, bar, state["step"], evaluate())
+            last_eval = log_eval(metrics_file, bar, state["step"], evaluate(), tracker)
 
     # ---- outputs: the adapter and a summary
     with atomic_dir(run_dir / "adapter", overwrite=True) as tmp:
@@ -195,6 +198,7 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False, demo: b
     if before is not None:
         summary["demo"] = {"before": before, "after": demo_snapshot(model, tokenizer, eval_set, evaluate)}
     atomic_write_json(run_dir / "summary.json", summary)
+    tracker.finish(summary)
     return summary
 
 
@@ -335,10 +339,12 @@ def format_record(r: dict) -> str:
             f"{r['tokens_per_s']:.0f} tok/s  peak {r['peak_memory_gb']:.2f} GB")
 
 
-def log_eval(metrics_file, bar, step: int, loss: float) -> float:
+def log_eval(metrics_file, bar, step: int, loss: float, tracker=None) -> float:
     record = {"step": step, "eval_loss": loss, "eval_perplexity": math.exp(min(loss, MAX_LOG_PPL))}
     metrics_file.write(json.dumps(record) + "\n")
     metrics_file.flush()
+    if tracker is not None:
+        tracker.log(record)
     bar.write(f"step {step:>5}  eval loss {loss:.4f}  ppl {record['eval_perplexity']:.2f}")
     return loss
 
