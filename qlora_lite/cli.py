@@ -130,7 +130,8 @@ def profile(recipe, modes, steps, seq_len, batch_size, out_dir, overrides):
 @click.option("--grad-accum", default=16, show_default=True, type=click.IntRange(min=1))
 @click.option("--gpu-mem", default=None, help="Card memory, e.g. 24GB: says what fits.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-def estimate(model, seq_len, batch_size, lora_r, optimizer, loss_chunk_size, grad_accum, gpu_mem, as_json):
+@click.option("--dora", is_flag=True, help="DoRA adapters (lora.use_dora): magnitudes and DoRA's saved tensors.")
+def estimate(model, seq_len, batch_size, lora_r, optimizer, loss_chunk_size, grad_accum, gpu_mem, as_json, dora):
     """Predict peak memory per mode for MODEL (a shipped name such as llama-2-7b, a folder,
     a config.json, or a Hub id) from its architecture alone."""
     import json as _json
@@ -138,7 +139,7 @@ def estimate(model, seq_len, batch_size, lora_r, optimizer, loss_chunk_size, gra
     from .estimate import Settings, estimate as run_estimate, format_table, parse_size
 
     s = Settings(seq_len=seq_len, batch_size=batch_size, lora_r=lora_r, optimizer=optimizer,
-                 loss_chunk_size=loss_chunk_size, grad_accum=grad_accum)
+                 loss_chunk_size=loss_chunk_size, grad_accum=grad_accum, dora=dora)
     result = run_estimate(model, s, parse_size(gpu_mem) if gpu_mem else None)
     click.echo(_json.dumps(result, indent=2) if as_json else format_table(result))
 

@@ -74,6 +74,7 @@ class Settings:
         grad_accum (int): > 1 keeps gradients alive through the next forward; 1 frees
             them after each step. Default 16.
         device (str): "cuda" (bool dropout masks) or "cpu" (masks in bf16). Default "cuda".
+        dora (bool): lora.use_dora: a magnitude vector per linear and DoRA's saved tensors. Default False.
     """
 
     seq_len: int = 2048
@@ -84,6 +85,7 @@ class Settings:
     loss_chunk_size: int = 1024
     grad_accum: int = 16
     device: str = "cuda"
+    dora: bool = False
 
 
 def load_arch(model: str) -> Arch:
@@ -172,6 +174,7 @@ def persistent(a: Arch, s: Settings, mode: str) -> dict:
         lora, kind = 0, ("paged_adamw_32bit" if s.optimizer.startswith("paged") else "adamw32")
     else:
         trainable = L * [n for d_in, d_out, _ in lin for n in (s.lora_r * d_in, s.lora_r * d_out)]
+        trainable += L * [d_out for _, d_out, _ in lin] if s.dora else []  # DoRA magnitudes
         lora, kind = BF16 * sum(trainable), s.optimizer
     grads = BF16 * sum(trainable)
     return {"base_weights": base, "lora_params": lora, "gradients": grads,
@@ -191,7 +194,24 @@ def layer_recompute_per_token(a: Arch, s: Settings, mode: str) -> int:
     adapters = 2 * s.lora_r * len(lin)
     mask = 1 if s.device == "cuda" else BF16  # CUDA dropout masks are bool
     dropout = sum((BF16 + mask) * d_in for d_in, _, _ in lin) if s.lora_dropout > 0 else 0
-    return common + 8 * i + adapters + dropout
+    # DoRA keeps each linear's base output and adapter output for the magnitude's gradient.
+    dora = sum(2 * BF16 * d_out for _, d_out, _ in lin) if s.dora else 0
+    return common + 8 * i + adapters + dropout + dora
+
+
+def dora_layer_bytes(a: Arch, s: Settings, mode: str) -> int:
+    """DoRA's per-layer extra during recompute, independent of tokens.
+
+    Every forward forms B@A and W0 + s*B@A for the norm (two weight-sized temporaries of the
+    largest linear); on the NF4 base with dropout, W0 @ dropout(x) is recomputed and autograd
+    keeps each linear's dequantized W0 for the input gradient, as PEFT does (a bf16 base keeps
+    its own weight, nothing extra).
+    """
+    if not s.dora or mode == "full":
+        return 0
+    lin = layer_linears(a)
+    kept = sum(BF16 * d_in * d_out for d_in, d_out, _ in lin) if s.lora_dropout > 0 and mode == "qlora" else 0
+    return kept + 2 * BF16 * max(d_in * d_out for d_in, d_out, _ in lin)
 
 
 def loss_bytes(a: Arch, s: Settings, mode: str) -> tuple[int, int]:
@@ -219,7 +239,8 @@ def estimate_mode(a: Arch, s: Settings, mode: str) -> dict:
     b.update(persistent(a, s, mode))
     # Checkpoint boundaries: every layer's input, rotary cos/sin, token and position ids.
     boundaries = (a.num_hidden_layers * BF16 * a.hidden_size + 2 * BF16 * a.head_dim + 8) * tokens + 8 * s.seq_len
-    moments = {"backward (layer recompute)": (0, layer_recompute_per_token(a, s, mode) * tokens),
+    recompute = layer_recompute_per_token(a, s, mode) * tokens + dora_layer_bytes(a, s, mode)
+    moments = {"backward (layer recompute)": (0, recompute),
                "backward (loss)": loss_bytes(a, s, mode)}
     if mode != "full":
         # Backward through the MLP's down projection: gate/up outputs and their gradients are
@@ -300,7 +321,7 @@ def format_table(result: dict) -> str:
 
     modes = list(result["modes"])
     s = result["settings"]
-    lines = [f"{result['model']}: seq {s['seq_len']}, batch {s['batch_size']}, LoRA r={s['lora_r']} all-linear, "
+    lines = [f"{result['model']}: seq {s['seq_len']}, batch {s['batch_size']}, {'DoRA' if s.get('dora') else 'LoRA'} r={s['lora_r']} all-linear, "
              f"{s['optimizer']}, loss chunk {s['loss_chunk_size']}, gradient checkpointing", "",
              "| | " + " | ".join(modes) + " |", "|---|" + "---:|" * len(modes)]
     for c in CATEGORIES:

@@ -25,6 +25,7 @@ from . import gguf_export
 from .adapter import CONFIG_NAME, check_adapter_fits, read_adapter_config, read_adapter_weights
 from .errors import QloraError
 from .atomic import atomic_dir, atomic_write_json, atomic_write_text
+from .dora import dora_merged_weight
 from .lora import merged_weight
 from .recipe import LoraConfig, ModelConfig, load_recipe
 
@@ -325,6 +326,9 @@ def merge_tensor(key: str, w: torch.Tensor, adapter: dict, lora_cfg: LoraConfig,
     ab = adapter.get(module)
     if ab is None:
         return w.to(dtype).contiguous()
+    if "lora_magnitude_vector" in ab:
+        return dora_merged_weight(w, ab["lora_A"], ab["lora_B"], ab["lora_magnitude_vector"], lora_cfg.scale) \
+            .to(dtype).contiguous()
     return merged_weight(w, ab["lora_A"], ab["lora_B"], lora_cfg.scale).to(dtype).contiguous()
 
 

@@ -92,6 +92,8 @@ class LoraConfig:
         dtype (str): adapter parameter dtype, "bfloat16" or "float32" (PEFT's default: keeps
             tiny late-schedule updates that bf16 rounds away, at 2x the adapter memory).
             Default "bfloat16".
+        use_dora (bool): DoRA: a trainable magnitude per output row on top of the LoRA
+            direction (QDoRA on a 4-bit base; qlora_lite/dora.py). Default False.
     """
 
     r: int = 16
@@ -100,6 +102,7 @@ class LoraConfig:
     target_modules: Any = "all-linear"
     rslora: bool = False
     dtype: str = "bfloat16"
+    use_dora: bool = False
 
     def __post_init__(self):
         _check_positive("lora.r", self.r)
