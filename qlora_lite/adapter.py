@@ -1,7 +1,8 @@
 """Adapter files in PEFT's format: `adapter_model.safetensors` + `adapter_config.json`.
 
-Keys are `base_model.model.<module path>.lora_A.weight` (and `lora_B`), as PEFT saves
-them, so `peft.PeftModel.from_pretrained` loads ours and we load PEFT's.
+Keys are `base_model.model.<module path>.lora_A.weight` (and `lora_B`, and DoRA's
+`lora_magnitude_vector`), as PEFT saves them, so `peft.PeftModel.from_pretrained` loads ours
+and we load PEFT's.
 """
 
 from __future__ import annotations

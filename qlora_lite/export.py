@@ -262,7 +262,8 @@ def export_model(source: str | Path, out: str | Path, dtype: str = "bf16", base:
     _check_tied_head(base_model, adapter)
     info = {"source": str(source), "kind": src.kind, "base_model": src.model.name_or_path,
             "adapter": str(src.adapter_dir), "base": base, "dtype": dtype,
-            "merged_modules": len(adapter), "scale": lora_cfg.scale, "r": lora_cfg.r, "alpha": lora_cfg.alpha}
+            "merged_modules": len(adapter), "scale": lora_cfg.scale, "r": lora_cfg.r, "alpha": lora_cfg.alpha,
+            "dora": lora_cfg.use_dora}
 
     with ExitStack() as stack:
         reader = None
@@ -376,7 +377,8 @@ def export_card(info: dict) -> str:
         f"- adapter: `{info['adapter']}` ({info['kind']}; r={info['r']}, alpha={info['alpha']:g}, "
         f"scale={info['scale']:g}, {info['merged_modules']} modules merged)",
         f"- base weights: {info['base']} - {mode}",
-        f"- merge: W + scale * B @ A in fp32, cast once to {info['dtype']}; never re-quantized",
+        f"- merge: {'DoRA, m / ||W + scale * B @ A|| * (W + scale * B @ A)' if info.get('dora') else 'W + scale * B @ A'}"
+        f" in fp32, cast once to {info['dtype']}; never re-quantized",
         f"- prompt format: {info['prompt_format']}",
         f"- shards: {info['shards']}, {info['total_bytes'] / 1e9:.3f} GB",
         f"- date: {info['date']} ({info['seconds']} s)",

@@ -2,6 +2,7 @@
 
 One class serves both modes: it wraps a `bnb.nn.Linear4bit` (QLoRA) or a plain
 `nn.Linear` (bf16 LoRA) held as `.base`, so the quantized base is never subclassed.
+With `lora.use_dora` it also holds DoRA's magnitude; DoRA's math lives in dora.py.
 """
 
 from __future__ import annotations

@@ -183,3 +183,38 @@ def test_estimate_counts_dora_and_matches_the_measured_peak(tmp_path):
             rows.append(f"{name} {mode}: measured {measured['total']} predicted {predicted['total']} ({err:+.1%})")
             worst = max(worst, abs(err))
     assert worst <= TOLERANCE, "\n".join(rows)
+
+
+def test_training_with_packing_checkpointing_and_resume_keeps_dora(tmp_path):
+    """`run` with use_dora, packing, gradient checkpointing and dropout: the magnitudes train, are
+    saved in the adapter and checkpoints, and a resumed run continues with them."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from qlora_lite.recipe import recipe_from_dict
+    from qlora_lite.tiny import demo_rows
+    from qlora_lite.train import train
+
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in demo_rows(64, seed=1)))
+
+    def recipe(steps):
+        return recipe_from_dict({
+            "model": {"name_or_path": "qlora-lite:tiny-llama", "gradient_checkpointing": True},
+            "lora": {"r": 4, "alpha": 8, "dropout": 0.1, "use_dora": True, "dtype": "float32"},
+            "data": {"path": str(data), "format": "alpaca", "max_seq_len": 128, "packing": True, "eval_split": 0.1},
+            "train": {"max_steps": steps, "micro_batch_size": 1, "grad_accum": 1, "lr": 1e-2, "lr_scheduler": "constant", "warmup_steps": 0, "log_every": 1,
+                      "eval_every": 0, "eval_max_batches": 1, "save_every": 2, "optimizer": "adamw"},
+            "output": {"dir": str(tmp_path / "run")}})
+
+    train(recipe(2))
+    first = load_file(str(tmp_path / "run/checkpoints/step-2/adapter/adapter_model.safetensors"))
+    summary = train(recipe(3), resume=True)
+    assert summary["steps"] == 3
+    cfg = json.loads((tmp_path / "run/adapter/adapter_config.json").read_text())
+    final = load_file(str(tmp_path / "run/adapter/adapter_model.safetensors"))
+    mags = [k for k in final if k.endswith(".lora_magnitude_vector")]
+    assert cfg["use_dora"] is True and len(mags) == 7 * 4  # every linear of the 4-layer tiny Llama
+    changed = [k for k in mags if not torch.equal(final[k], first[k])]
+    assert len(changed) == len(mags)  # step 3 trained them further
