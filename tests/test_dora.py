@@ -27,9 +27,8 @@ def dora_model(path, lora=DORA, gc=False, dtype=torch.float32):
     return m
 
 
-def peft_dora(path, lora=DORA, dropout=0.0):
-    """The reference: transformers 4-bit model + PEFT DoRA (fp32 adapters, PEFT's default)."""
-    import peft
+def bnb_base(path):
+    """A transformers 4-bit model, as PEFT users load it."""
     from transformers import AutoModelForCausalLM
 
     from qlora_lite.model import bnb_config, disable_cpu_weight_packing
@@ -38,9 +37,16 @@ def peft_dora(path, lora=DORA, dropout=0.0):
     base = AutoModelForCausalLM.from_pretrained(path, quantization_config=bnb_config(QuantizationConfig()),
                                                 device_map="cpu", dtype=torch.bfloat16)
     disable_cpu_weight_packing(base)  # both sides on bitsandbytes' training kernel
-    return peft.get_peft_model(base, peft.LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=dropout,
-                                                     target_modules="all-linear", use_dora=True,
-                                                     task_type="CAUSAL_LM"))
+    return base
+
+
+def peft_dora(path, lora=DORA):
+    """The reference: transformers 4-bit model + PEFT DoRA (fp32 adapters, PEFT's default)."""
+    import peft
+
+    return peft.get_peft_model(bnb_base(path), peft.LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=0.0,
+                                                               target_modules="all-linear", use_dora=True,
+                                                               task_type="CAUSAL_LM"))
 
 
 def copy_into_peft(ours, pm):
@@ -102,8 +108,7 @@ def test_adapter_files_load_both_ways_with_peft(tiny_llama, tmp_path):
     assert sum(k.endswith(".lora_magnitude_vector") for k in keys) == len(lora_modules(ours))
     # ours -> PEFT
     x = tokens()
-    pm = peft_dora(tiny_llama)
-    loaded = peft.PeftModel.from_pretrained(pm.base_model.model, tmp_path / "ours")
+    loaded = peft.PeftModel.from_pretrained(bnb_base(tiny_llama), tmp_path / "ours")
     with torch.no_grad():
         want = ours(x).logits
         torch.testing.assert_close(loaded(input_ids=x).logits, want, atol=0, rtol=0)
