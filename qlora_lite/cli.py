@@ -108,15 +108,18 @@ def generate(source, adapter, prompt, chat, max_new_tokens, temperature, top_p, 
 @click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False),
               help="Folder for report.md, report.json, memory.png [runs/profile].")
 @click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE", help="Override a recipe value.")
-def profile(recipe, modes, steps, seq_len, batch_size, out_dir, overrides):
+@click.option("--memory-limit", default=None, metavar="SIZE",
+              help="Skip a mode the estimate says needs more (e.g. 24GiB; GB = 1e9 bytes, GiB = 2^30) "
+                   "[CUDA: the GPU's memory; CPU: none].")
+def profile(recipe, modes, steps, seq_len, batch_size, out_dir, overrides, memory_limit):
     """Measure peak memory by category for RECIPE in each mode (random tokens, real steps)."""
+    from .estimate import parse_size
     from .profile import parse_modes, profile_recipe
     from .recipe import load_recipe
 
-    out_dir = out_dir or "runs/profile"
-    profile_recipe(load_recipe(recipe, overrides), parse_modes(modes), steps, seq_len, batch_size, out_dir,
-                   title=recipe, log=click.echo)
-    click.echo(f"wrote {out_dir}/report.md, report.json, memory.png")
+    limit = parse_size(memory_limit) if memory_limit else None
+    profile_recipe(load_recipe(recipe, overrides), parse_modes(modes), steps, seq_len, batch_size,
+                   out_dir or "runs/profile", title=recipe, log=click.echo, memory_limit=limit)
 
 
 @main.command()

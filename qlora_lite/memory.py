@@ -109,7 +109,7 @@ class MemoryTracker(TorchDispatchMode):
         self.step = 0
         self._next = 0
         self._hooks = None
-        self._grad_params = []
+        self._grad_params = weakref.WeakSet()  # held weakly: the tracker must not keep a model alive
         for cat, tensors in (params or {}).items():
             self.register(tensors, cat)
 
@@ -131,7 +131,9 @@ class MemoryTracker(TorchDispatchMode):
             self._live[serial] = nbytes
             self._born[serial] = self.phase
             self.total += nbytes
-            weakref.finalize(st, self._free, key, serial)
+            # The finalizer holds the tracker weakly: a tracker must never keep a mode's tensors
+            # (or itself) alive through the global finalizer registry.
+            weakref.finalize(st, _free_weakly, weakref.ref(self), key, serial)
         elif self._live[serial] != nbytes:  # resized in place (out= ops)
             self.total += nbytes - self._live[serial]
             self._live[serial] = nbytes
@@ -166,17 +168,27 @@ class MemoryTracker(TorchDispatchMode):
 
     def _watch_grad(self, p: torch.Tensor) -> None:
         if isinstance(p, torch.nn.Parameter) and p.is_leaf:
-            self._grad_params.append(p)
-            p.register_post_accumulate_grad_hook(lambda q: self._mark(q.grad, "gradients"))
+            self._grad_params.add(p)
+            me = weakref.ref(self)
+
+            def mark_grad(q):
+                if me() is not None:  # hooks outlive a finished tracker
+                    me()._mark(q.grad, "gradients")
+
+            p.register_post_accumulate_grad_hook(mark_grad)
 
     def watch_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         """Mark the optimizer's state tensors (bnb paged buffers included) after each step."""
 
+        me = weakref.ref(self)
+
         def post(opt, *_):
+            if me() is None:
+                return
             for state in opt.state.values():
                 for v in state.values():
                     if torch.is_tensor(v):
-                        self._mark(v, "optimizer_state")
+                        me()._mark(v, "optimizer_state")
 
         optimizer.register_step_post_hook(post)
 
@@ -242,3 +254,9 @@ class MemoryTracker(TorchDispatchMode):
         finally:
             self._hooks.__exit__(*exc)
             self._hooks = None
+
+
+def _free_weakly(tracker_ref, key: int, serial: int) -> None:
+    tracker = tracker_ref()
+    if tracker is not None:
+        tracker._free(key, serial)
