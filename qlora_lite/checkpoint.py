@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 
 from .adapter import load_adapter, save_adapter
-from .optim import restore_paged_state
 from .atomic import atomic_dir, atomic_write_bytes, atomic_write_text
+from .optim import restore_paged_state
 from .recipe import LoraConfig
 
 STEP_DIR = re.compile(r"^step-(\d+)$")

@@ -48,18 +48,22 @@ def run(recipe, overrides, resume, overwrite, demo):
 @click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32"]), default="bf16", show_default=True)
 @click.option("--base", type=click.Choice(["dequantized", "original"]), default="dequantized", show_default=True,
               help="dequantized: the NF4 weights training saw; original: the checkpoint's full-precision weights.")
-@click.option("--max-shard-size", default="2GB", show_default=True, help="Largest safetensors shard.")
+@click.option("--max-shard-size", default="2GB", show_default=True,
+              help="Largest safetensors shard: GB = 1e9 bytes, GiB = 2^30 (MB/MiB likewise); a bare number is bytes.")
 @click.option("--verify", is_flag=True, help="Compare the export's logits with the 4-bit base + adapter.")
 @click.option("--model", "model", default=None, help="Base model, overriding the run's recipe / adapter_config.json.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out folder.")
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]),
+              help="Where the base is quantized and --verify runs; auto: the kind the run trained on, if present.")
 @click.option("--gguf", type=click.Choice(["f16", "bf16", "q8_0"]), default=None,
               help="Also write the model as GGUF (llama.cpp's converter) with an Ollama Modelfile.")
-def export(source, out, dtype, base, max_shard_size, verify, model, overwrite, gguf):
+def export(source, out, dtype, base, max_shard_size, verify, model, overwrite, device, gguf):
     """Merge the adapter of SOURCE (a run or adapter folder) into its base; write a HF model folder."""
     from .export import export_model
 
     info = export_model(source, out, dtype=dtype, base=base, max_shard_size=max_shard_size, model=model,
-                        verify=verify, overwrite=overwrite, gguf=gguf, log=lambda m: click.echo(m, err=True))
+                        verify=verify, overwrite=overwrite, gguf=gguf, log=lambda m: click.echo(m, err=True),
+                        device=device)
     click.echo(f"exported {info['merged_modules']} merged modules, {info['shards']} shard(s), "
                f"{info['total_bytes'] / 1e9:.3f} GB to {out} in {info['seconds']} s")
     v = info.get("verify")
@@ -82,10 +86,10 @@ def export(source, out, dtype, base, max_shard_size, verify, model, overwrite, g
 @click.option("--top-p", default=1.0, show_default=True, type=float)
 @click.option("--seed", default=None, type=int, help="Seeds sampling.")
 @click.option("--raw", is_flag=True, help="Feed --prompt as is, without the chat/Alpaca template.")
-@click.option("--device", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda", "auto"]))
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]),
+              help="auto: the GPU when there is one.")
 def generate(source, adapter, prompt, chat, max_new_tokens, temperature, top_p, seed, raw, device):
     """Generate from SOURCE: a run folder, an adapter folder, or a model folder (e.g. an export)."""
-    from .errors import QloraError
     from .generate import chat_loop, generate_text, load_for_generation
 
     if (prompt is None) == (not chat):
@@ -113,9 +117,9 @@ def generate(source, adapter, prompt, chat, max_new_tokens, temperature, top_p, 
                    "[CUDA: the GPU's memory; CPU: none].")
 def profile(recipe, modes, steps, seq_len, batch_size, out_dir, overrides, memory_limit):
     """Measure peak memory by category for RECIPE in each mode (random tokens, real steps)."""
-    from .estimate import parse_size
     from .profile import parse_modes, profile_recipe
     from .recipe import load_recipe
+    from .units import parse_size
 
     limit = parse_size(memory_limit) if memory_limit else None
     profile_recipe(load_recipe(recipe, overrides), parse_modes(modes), steps, seq_len, batch_size,
@@ -131,19 +135,23 @@ def profile(recipe, modes, steps, seq_len, batch_size, out_dir, overrides, memor
               type=click.Choice(["paged_adamw_8bit", "paged_adamw_32bit", "adamw_8bit", "adamw"]))
 @click.option("--loss-chunk-size", default=1024, show_default=True, type=click.IntRange(min=0))
 @click.option("--grad-accum", default=16, show_default=True, type=click.IntRange(min=1))
-@click.option("--gpu-mem", default=None, help="Card memory, e.g. 24GB: says what fits.")
+@click.option("--lora-dtype", default="bfloat16", show_default=True, type=click.Choice(["bfloat16", "float32"]),
+              help="Adapter dtype (the recipe's lora.dtype); float32 doubles adapter and gradient bytes.")
+@click.option("--gpu-mem", default=None,
+              help="Card memory, says what fits: GiB = 2^30 bytes, GB = 1e9 (a 24 GB RTX 3090/4090 is 24GiB).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @click.option("--dora", is_flag=True, help="DoRA adapters (lora.use_dora): magnitudes and DoRA's saved tensors.")
-def estimate(model, seq_len, batch_size, lora_r, optimizer, loss_chunk_size, grad_accum, gpu_mem, as_json, dora):
+def estimate(model, seq_len, batch_size, lora_r, optimizer, loss_chunk_size, grad_accum, lora_dtype, gpu_mem,
+             as_json, dora):
     """Predict peak memory per mode for MODEL (a shipped name such as llama-2-7b, a folder,
     a config.json, or a Hub id) from its architecture alone."""
     import json as _json
 
-    from .estimate import Settings, estimate as run_estimate, format_table, parse_size
+    from .estimate import Settings, estimate as run_estimate, format_table, gpu_mem_bytes
 
     s = Settings(seq_len=seq_len, batch_size=batch_size, lora_r=lora_r, optimizer=optimizer,
-                 loss_chunk_size=loss_chunk_size, grad_accum=grad_accum, dora=dora)
-    result = run_estimate(model, s, parse_size(gpu_mem) if gpu_mem else None)
+                 loss_chunk_size=loss_chunk_size, grad_accum=grad_accum, lora_dtype=lora_dtype, dora=dora)
+    result = run_estimate(model, s, gpu_mem_bytes(gpu_mem) if gpu_mem else None)
     click.echo(_json.dumps(result, indent=2) if as_json else format_table(result))
 
 

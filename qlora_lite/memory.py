@@ -28,7 +28,19 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from .quant import quant_state_tensors
+
 CATEGORIES = ("base_weights", "lora_params", "gradients", "optimizer_state", "activations", "temporaries")
+LABELS = {
+    "base_weights": "base weights (+ quant constants)",
+    "lora_params": "LoRA parameters",
+    "gradients": "gradients",
+    "optimizer_state": "optimizer state",
+    "activations": "activations saved for backward",
+    "temporaries": "temporaries",
+}
+# What `profile` measures and `estimate` predicts, one column each.
+MODES = ("qlora", "lora", "full")
 
 # Lower number wins: a parameter saved for backward is still a parameter.
 _PRIORITY = {c: i for i, c in enumerate(CATEGORIES)}
@@ -52,16 +64,6 @@ class MemoryBreakdown:
 
     def to_dict(self) -> dict:
         return {"bytes": dict(self.bytes), "total": self.total, "phase": self.phase, "step": self.step}
-
-
-def quant_state_tensors(param) -> list[torch.Tensor]:
-    """The tensors of a bitsandbytes Params4bit's quant_state (absmax, code, nested state)."""
-    qs = getattr(param, "quant_state", None)
-    out = []
-    while qs is not None:
-        out += [t for t in (qs.absmax, qs.code, getattr(qs, "offset", None)) if torch.is_tensor(t)]
-        qs = getattr(qs, "state2", None)
-    return out
 
 
 def module_tensors(model: torch.nn.Module, lora_params=()) -> dict[str, list[torch.Tensor]]:

@@ -17,24 +17,16 @@ from pathlib import Path
 import torch
 
 from .errors import QloraError
-from .memory import CATEGORIES, MemoryTracker, module_tensors
+from .memory import CATEGORIES, LABELS, MODES, MemoryTracker, module_tensors
 from .metrics import reset_peak_memory
 from .recipe import Recipe
 from .step import autocast_context, grad_scaler, train_step
+from .units import gib
 
-MODES = ("qlora", "lora", "full")
 MODE_HELP = {
     "qlora": "NF4 base + LoRA (as trained)",
     "lora": "bf16 base + LoRA",
     "full": "bf16 full fine-tune, 32-bit optimizer state",
-}
-LABELS = {
-    "base_weights": "base weights (+ quant constants)",
-    "lora_params": "LoRA parameters",
-    "gradients": "gradients",
-    "optimizer_state": "optimizer state",
-    "activations": "activations saved for backward",
-    "temporaries": "temporaries",
 }
 
 
@@ -181,26 +173,20 @@ def skipped(mode: str, predicted: int | None, reason: str) -> dict:
 
 def predicted_peak(recipe: Recipe, mode: str, seq_len: int, batch_size: int, device: str) -> int | None:
     """`estimate`'s peak for this mode and shape; None when the model's config cannot be read."""
-    from .estimate import Settings, estimate_mode, load_arch
+    from dataclasses import replace
+
+    from .estimate import estimate_mode, load_arch, settings_from_recipe
     from .model import resolve_model_path
 
     try:
         arch = load_arch(resolve_model_path(recipe.model.name_or_path))
     except QloraError:
         return None
-    t = recipe.train
-    s = Settings(seq_len=seq_len, batch_size=batch_size, lora_r=recipe.lora.r, lora_dropout=recipe.lora.dropout,
-                 optimizer=t.optimizer, loss_chunk_size=t.loss_chunk_size, grad_accum=t.grad_accum,
-                 device="cuda" if device.startswith("cuda") else "cpu", dora=recipe.lora.use_dora)
-    return estimate_mode(arch, s, mode)["total"]
+    s = settings_from_recipe(recipe, seq_len, "cuda" if device.startswith("cuda") else "cpu")
+    return estimate_mode(arch, replace(s, batch_size=batch_size), mode)["total"]
 
 
 # ---------------------------------------------------------------- reports
-
-
-def gib(n: float) -> str:
-    """Bytes as a short human string (GiB above 1 GiB, else MiB)."""
-    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
 def report_markdown(results: list[dict], title: str = "") -> str:

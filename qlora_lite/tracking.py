@@ -20,7 +20,7 @@ from pathlib import Path
 from .atomic import atomic_write_json
 from .checkpoint import STEP_DIR, latest_checkpoint
 from .errors import QloraError
-from .recipe import Recipe, recipe_json
+from .recipe import Recipe
 
 STATE_NAME = "trackers.json"
 MAX_PARAM_CHARS = 6000  # MLflow refuses longer param values (a long chat template); recipe.yaml is logged whole
@@ -54,7 +54,7 @@ def flat_recipe(recipe: Recipe) -> dict[str, str]:
                 walk(v, f"{prefix}{k}.")
             else:
                 out[f"{prefix}{k}"] = v if isinstance(v, str) else json.dumps(v)
-    walk(json.loads(recipe_json(recipe)), "")
+    walk(recipe.to_dict(), "")
     return out
 
 

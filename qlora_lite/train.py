@@ -166,7 +166,7 @@ def setup_run(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> 
 
     model = load_model(cfg.model, device)
     torch.manual_seed(t.seed)  # adapter init does not depend on what loading consumed
-    attach_lora(model, cfg.lora, dtype=getattr(torch, cfg.lora.dtype))
+    attach_lora(model, cfg.lora)
     if cfg.data.packing:
         use_packed_attention(model)  # each packed sample attends only to itself, at its own cost
     print(trainable_summary(model))

@@ -62,6 +62,24 @@ def test_packed_rows_train_like_the_block_diagonal_mask(tiny_llama):
     assert (grads - want_grads).norm() / want_grads.norm() < 2e-2
 
 
+def test_sample_bounds_are_read_once_per_forward_and_kept_nowhere(tiny_llama, monkeypatch):
+    """Two layers, recomputed under checkpointing: one read per forward, no module-level cache."""
+    import qlora_lite.attention as attention
+
+    calls = []
+    real = attention.sample_bounds
+    monkeypatch.setattr(attention, "sample_bounds", lambda pos: calls.append(pos) or real(pos))
+    before = {k: v for k, v in vars(attention).items() if not k.startswith("__")}
+    model = adapted_model(tiny_llama)
+    use_packed_attention(model)
+    use_packed_attention(model)  # a second call adds no second hook
+    rows = [[sample(20, 0), sample(33, 1)], [sample(40, 3)]]
+    for _ in range(2):
+        loss_and_grads(model, collate(rows, 0, packed_mask="position_ids"))
+    assert len(calls) == 2
+    assert {k: v for k, v in vars(attention).items() if not k.startswith("__")} == before
+
+
 def test_eval_and_unpacked_batches_are_unchanged(tiny_llama):
     model = adapted_model(tiny_llama)
     batch = collate([[sample(30, 5)], [sample(12, 6)]], 0)  # right padding, 2D mask
@@ -104,3 +122,26 @@ def test_a_packed_training_run_logs_the_dense_mask_loss(tmp_path):
     with torch.no_grad():
         loss, n = causal_lm_loss(load_model(recipe.model).train(), batch, recipe.train.loss_chunk_size)
     assert first["step"] == 1 and first["loss"] == pytest.approx(loss.item() / n, rel=2e-3)
+
+
+@pytest.mark.parametrize("n", [7, 600])
+def test_grouped_query_heads_attend_without_copies_like_repeated_ones(n):
+    g = torch.Generator().manual_seed(n)
+    q = torch.randn(1, 8, n, 16, generator=g).to(torch.bfloat16)
+    k, v = (torch.randn(1, 2, n, 16, generator=g).to(torch.bfloat16) for _ in range(2))
+    want = F.scaled_dot_product_attention(q.float(), k.float().repeat_interleave(4, 1),
+                                          v.float().repeat_interleave(4, 1), is_causal=True)
+    torch.testing.assert_close(causal_attention(q, k, v).float(), want, atol=2e-2, rtol=2e-2)
+
+
+def test_host_batch_gives_label_positions_and_bounds_without_reading_the_device():
+    from qlora_lite.loss import chunked_cross_entropy, label_positions
+
+    rows = [[sample(20, 0), sample(9, 2)], [sample(15, 4)]]
+    batch = collate(rows, 0, packed_mask="position_ids")
+    assert sample_bounds(batch["position_ids"])[0] == [(0, 20), (20, 29)]
+    hidden = torch.randn(2, batch["labels"].shape[1], 16)
+    weight = torch.randn(320, 16)
+    want = chunked_cross_entropy(hidden, weight, batch["labels"], 8)
+    got = chunked_cross_entropy(hidden, weight, batch["labels"], 8, label_positions(batch["labels"]))
+    assert got[1] == want[1] and torch.equal(got[0], want[0])

@@ -41,7 +41,7 @@ def test_profile_writes_reports(recipe, tmp_path):
 
 def test_estimate_cli_table_and_json():
     runner = CliRunner()
-    res = runner.invoke(main, ["estimate", "llama-2-7b", "--seq-len", "2048", "--gpu-mem", "24GB"])
+    res = runner.invoke(main, ["estimate", "llama-2-7b", "--seq-len", "2048", "--gpu-mem", "24GiB"])
     assert res.exit_code == 0, res.output
     assert "predicted peak" in res.output and "fits in 24.00 GiB" in res.output
     res = runner.invoke(main, ["estimate", "mistral-7b", "--json"])

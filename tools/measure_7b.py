@@ -24,14 +24,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from qlora_lite.estimate import Settings, estimate_mode, load_arch, parse_size  # noqa: E402
+from qlora_lite.estimate import Settings, estimate_mode, load_arch  # noqa: E402
 from qlora_lite.lora import attach_lora, lora_parameters  # noqa: E402
 from qlora_lite.memory import MemoryTracker, module_tensors  # noqa: E402
 from qlora_lite.model import enable_gradient_checkpointing  # noqa: E402
 from qlora_lite.optim import build_optimizer  # noqa: E402
-from qlora_lite.profile import gib  # noqa: E402
 from qlora_lite.recipe import LoraConfig  # noqa: E402
 from qlora_lite.step import autocast_context, train_step  # noqa: E402
+from qlora_lite.units import gib, parse_size  # noqa: E402
 
 WARMUP_TOKENS = 8
 
