@@ -1,7 +1,8 @@
 """Adapter files in PEFT's format: `adapter_model.safetensors` + `adapter_config.json`.
 
-Keys are `base_model.model.<module path>.lora_A.weight` (and `lora_B`), as PEFT saves
-them, so `peft.PeftModel.from_pretrained` loads ours and we load PEFT's.
+Keys are `base_model.model.<module path>.lora_A.weight` (and `lora_B`, and DoRA's
+`lora_magnitude_vector`), as PEFT saves them, so `peft.PeftModel.from_pretrained` loads ours
+and we load PEFT's.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
 PEFT_PREFIX = "base_model.model."
 _KEY = re.compile(r"^base_model\.model\.(.+)\.(lora_[AB])(?:\.default)?\.weight$")
+# DoRA's magnitude: PEFT saves `<module>.lora_magnitude_vector` (in memory `.default.weight`).
+_MAGNITUDE_KEY = re.compile(r"^base_model\.model\.(.+)\.(lora_magnitude_vector)(?:\.default\.weight)?$")
 # Our own adapter_config.json fields, under one key: PEFT ignores it (with a warning that it
 # comes from a newer version) and loads the adapter as usual.
 OWN_KEY = "qlora_lite"
@@ -62,7 +65,7 @@ def adapter_config_dict(cfg: LoraConfig, targets: list[str], base_model_name_or_
         "layers_pattern": None,
         "rank_pattern": {},
         "alpha_pattern": {},
-        "use_dora": False,
+        "use_dora": cfg.use_dora,
         "revision": None,
         OWN_KEY: {"lora_dtype": lora_dtype or cfg.dtype},
     }
@@ -103,7 +106,7 @@ def read_adapter_config(adapter_dir: str | Path, fix: str = ADAPTER_FIX) -> tupl
     raw = read_json(path, fix)
     if raw.get("peft_type", "LORA") != "LORA":
         raise QloraError(f"{str(path)!r}: peft_type {raw['peft_type']!r} is not supported, only LORA.")
-    for key, ok in (("use_dora", False), ("bias", "none")):
+    for key, ok in (("bias", "none"),):
         if raw.get(key, ok) != ok:
             raise QloraError(f"{str(path)!r}: {key}={raw[key]!r} is not supported (needs {ok!r}).")
     if raw.get("rank_pattern") or raw.get("alpha_pattern"):
@@ -114,7 +117,8 @@ def read_adapter_config(adapter_dir: str | Path, fix: str = ADAPTER_FIX) -> tupl
         cfg = LoraConfig(r=int(raw["r"]), alpha=float(raw["lora_alpha"]),
                          dropout=float(raw.get("lora_dropout") or 0.0),
                          target_modules=sorted(tm) if isinstance(tm, (list, set)) else tm,
-                         rslora=bool(raw.get("use_rslora", False)), dtype=dtype)
+                         rslora=bool(raw.get("use_rslora", False)), dtype=dtype,
+                         use_dora=bool(raw.get("use_dora", False)))
     except KeyError as e:
         raise QloraError(f"{str(path)!r} has no {e.args[0]!r}, which every LoRA adapter config has; {fix}") from None
     except (TypeError, ValueError) as e:
@@ -148,12 +152,13 @@ def read_adapter_weights(adapter_dir: str | Path, fix: str = ADAPTER_FIX) -> dic
         raise QloraError(f"{str(path)!r} not found; only safetensors adapters are read (no pickle).")
     modules: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in read_safetensors(path, fix).items():
-        m = _KEY.match(key)
+        m = _KEY.match(key) or _MAGNITUDE_KEY.match(key)
         if m is None:
-            raise QloraError(f"{str(path)!r}: unexpected tensor {key!r}; only LoRA A/B weights are supported.")
+            raise QloraError(f"{str(path)!r}: unexpected tensor {key!r}; only LoRA A/B weights "
+                             "(and DoRA magnitudes) are supported.")
         modules.setdefault(m.group(1), {})[m.group(2)] = t
     for name, ab in modules.items():
-        if set(ab) != {"lora_A", "lora_B"}:
+        if not {"lora_A", "lora_B"} <= set(ab):
             raise QloraError(f"{str(path)!r}: module {name!r} has {sorted(ab)} but needs lora_A and lora_B.")
     return modules
 
@@ -175,6 +180,10 @@ def check_adapter_fits(model, weights: dict[str, dict[str, torch.Tensor]]) -> No
                 f"Adapter does not fit module {name!r}: adapter lora_A {tuple(ab['lora_A'].shape)} / "
                 f"lora_B {tuple(ab['lora_B'].shape)}, base needs {want_a} / {want_b} "
                 f"(base linear is {d_in} -> {d_out}); was the adapter trained on another model?")
+        mag = ab.get("lora_magnitude_vector")
+        if mag is not None and tuple(mag.shape) != (d_out,):
+            raise QloraError(f"Adapter does not fit module {name!r}: DoRA magnitude {tuple(mag.shape)}, "
+                             f"base needs ({d_out},); was the adapter trained on another model?")
 
 
 def load_adapter(model, adapter_dir: str | Path, dtype: torch.dtype | None = None,
@@ -204,4 +213,8 @@ def load_adapter(model, adapter_dir: str | Path, dtype: torch.dtype | None = Non
             m.lora_A.weight.copy_(weights[name]["lora_A"])
             m.lora_B.weight.copy_(weights[name]["lora_B"])
             m.scale = cfg.scale
+            if (m.lora_magnitude_vector is None) != ("lora_magnitude_vector" not in weights[name]):
+                raise QloraError(f"Adapter and model disagree on DoRA for module {name!r} (use_dora).")
+            if m.lora_magnitude_vector is not None:
+                m.lora_magnitude_vector.copy_(weights[name]["lora_magnitude_vector"])
     return cfg

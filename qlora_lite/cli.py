@@ -64,12 +64,15 @@ def run(recipe, overrides, resume, overwrite, demo):
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out folder.")
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]),
               help="Where the base is quantized and --verify runs; auto: the kind the run trained on, if present.")
-def export(source, out, dtype, base, max_shard_size, verify, model, overwrite, device):
+@click.option("--gguf", type=click.Choice(["f16", "bf16", "q8_0"]), default=None,
+              help="Also write the model as GGUF (llama.cpp's converter) with an Ollama Modelfile.")
+def export(source, out, dtype, base, max_shard_size, verify, model, overwrite, device, gguf):
     """Merge the adapter of SOURCE (a run or adapter folder) into its base; write a HF model folder."""
     from .export import export_model
 
     info = export_model(source, out, dtype=dtype, base=base, max_shard_size=max_shard_size, model=model,
-                        verify=verify, overwrite=overwrite, log=lambda m: click.echo(m, err=True), device=device)
+                        verify=verify, overwrite=overwrite, gguf=gguf, log=lambda m: click.echo(m, err=True),
+                        device=device)
     click.echo(f"exported {info['merged_modules']} merged modules, {info['shards']} shard(s), "
                f"{info['total_bytes'] / 1e9:.3f} GB to {out} in {info['seconds']} s")
     v = info.get("verify")
@@ -77,6 +80,8 @@ def export(source, out, dtype, base, max_shard_size, verify, model, overwrite, d
         click.echo(f"verify: max |logit diff| {v['max_abs_logit_diff']:.4g}, mean {v['mean_abs_logit_diff']:.4g} "
                    f"(logits up to {v['max_abs_logit']:.4g}), "
                    f"argmax agreement {v['argmax_agreement']:.3f}, greedy tokens agree: {v['greedy_agree']}")
+    if info.get("gguf"):
+        click.echo(f"wrote {out}/{info['gguf']['file']} and {out}/Modelfile")
 
 
 @main.command()
@@ -144,8 +149,9 @@ def profile(recipe, modes, steps, seq_len, batch_size, out_dir, overrides, memor
 @click.option("--gpu-mem", default=None,
               help="Card memory, says what fits: GiB = 2^30 bytes, GB = 1e9 (a 24 GB RTX 3090/4090 is 24GiB).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.option("--dora", is_flag=True, help="DoRA adapters (lora.use_dora): magnitudes and DoRA's saved tensors.")
 def estimate(model, seq_len, batch_size, lora_r, optimizer, loss_chunk_size, grad_accum, lora_dtype, gpu_mem,
-             as_json):
+             as_json, dora):
     """Predict peak memory per mode for MODEL (a shipped name such as llama-2-7b, a folder,
     a config.json, or a Hub id) from its architecture alone."""
     import json as _json
@@ -153,7 +159,7 @@ def estimate(model, seq_len, batch_size, lora_r, optimizer, loss_chunk_size, gra
     from .estimate import Settings, estimate as run_estimate, format_table, gpu_mem_bytes
 
     s = Settings(seq_len=seq_len, batch_size=batch_size, lora_r=lora_r, optimizer=optimizer,
-                 loss_chunk_size=loss_chunk_size, grad_accum=grad_accum, lora_dtype=lora_dtype)
+                 loss_chunk_size=loss_chunk_size, grad_accum=grad_accum, lora_dtype=lora_dtype, dora=dora)
     result = run_estimate(model, s, gpu_mem_bytes(gpu_mem) if gpu_mem else None)
     click.echo(_json.dumps(result, indent=2) if as_json else format_table(result))
 

@@ -78,6 +78,7 @@ class Settings:
         device (str): "cuda" (bool dropout masks) or "cpu" (masks in bf16). Default "cuda".
         lora_dtype (str): lora.dtype, "bfloat16" or "float32" (2x adapter and gradient bytes;
             on CPU, without autocast, the adapter path runs in fp32 too). Default "bfloat16".
+        dora (bool): lora.use_dora: a magnitude vector per linear and DoRA's saved tensors. Default False.
     """
 
     seq_len: int = 2048
@@ -89,6 +90,7 @@ class Settings:
     grad_accum: int = 16
     device: str = "cuda"
     lora_dtype: str = "bfloat16"
+    dora: bool = False
 
     def __post_init__(self):
         if self.lora_dtype not in LORA_DTYPES:
@@ -112,7 +114,7 @@ def settings_from_recipe(recipe: Recipe, seq_len: int | None = None, device: str
     return Settings(seq_len=seq_len or (recipe.data.max_seq_len if recipe.data else 2048),
                     batch_size=t.micro_batch_size, lora_r=recipe.lora.r, lora_dropout=recipe.lora.dropout,
                     optimizer=t.optimizer, loss_chunk_size=t.loss_chunk_size, grad_accum=t.grad_accum,
-                    device=device, lora_dtype=recipe.lora.dtype)
+                    device=device, lora_dtype=recipe.lora.dtype, dora=recipe.lora.use_dora)
 
 
 def load_arch(model: str) -> Arch:
@@ -203,6 +205,7 @@ def persistent(a: Arch, s: Settings, mode: str) -> dict:
     else:
         # Adapters, their gradients and torch AdamW's state are in lora.dtype.
         trainable = L * [n for d_in, d_out, _ in lin for n in (s.lora_r * d_in, s.lora_r * d_out)]
+        trainable += L * [d_out for _, d_out, _ in lin] if s.dora else []  # DoRA magnitudes
         elem = s.lora_bytes
         lora, kind = elem * sum(trainable), s.optimizer
     grads = elem * sum(trainable)
@@ -228,7 +231,25 @@ def layer_recompute_per_token(a: Arch, s: Settings, mode: str) -> int:
         dropout = sum((elem + mask) * d_in for d_in, _, _ in lin)
     else:  # without dropout only a cast of the input (fp32 adapters on CPU) is a new tensor
         dropout = sum(elem * d_in for d_in, _, _ in lin) if elem != BF16 else 0
-    return common + 8 * i + adapters + dropout
+    # DoRA keeps each linear's base output and adapter output for the magnitude's gradient.
+    dora = sum((BF16 + elem) * d_out for _, d_out, _ in lin) if s.dora else 0
+    return common + 8 * i + adapters + dropout + dora
+
+
+def dora_layer_bytes(a: Arch, s: Settings, mode: str) -> int:
+    """DoRA's per-layer extra during recompute, independent of tokens.
+
+    Every forward forms B@A and W0 + s*B@A for the norm (two weight-sized temporaries of the
+    largest linear); on the NF4 base with dropout, W0 @ dropout(x) is recomputed and autograd
+    keeps each linear's dequantized W0 for the input gradient, as PEFT does (a bf16 base keeps
+    its own weight, nothing extra).
+    """
+    if not s.dora or mode == "full":
+        return 0
+    lin = layer_linears(a)
+    elem = BF16 if s.device == "cuda" else s.lora_bytes  # the adapter path's dtype, as in the forward
+    kept = sum(elem * d_in * d_out for d_in, d_out, _ in lin) if s.lora_dropout > 0 and mode == "qlora" else 0
+    return kept + 2 * elem * max(d_in * d_out for d_in, d_out, _ in lin)
 
 
 def loss_bytes(a: Arch, s: Settings, mode: str) -> tuple[int, int]:
@@ -256,7 +277,8 @@ def estimate_mode(a: Arch, s: Settings, mode: str) -> dict:
     b.update(persistent(a, s, mode))
     # Checkpoint boundaries: every layer's input, rotary cos/sin, token and position ids.
     boundaries = (a.num_hidden_layers * BF16 * a.hidden_size + 2 * BF16 * a.head_dim + 8) * tokens + 8 * s.seq_len
-    moments = {"backward (layer recompute)": (0, layer_recompute_per_token(a, s, mode) * tokens),
+    recompute = layer_recompute_per_token(a, s, mode) * tokens + dora_layer_bytes(a, s, mode)
+    moments = {"backward (layer recompute)": (0, recompute),
                "backward (loss)": loss_bytes(a, s, mode)}
     if mode != "full":
         # Backward through the MLP's down projection: gate/up outputs and their gradients are
@@ -328,7 +350,7 @@ def format_table(result: dict) -> str:
     """A markdown table: categories as rows, modes as columns, plus fit answers."""
     modes = list(result["modes"])
     s = result["settings"]
-    lines = [f"{result['model']}: seq {s['seq_len']}, batch {s['batch_size']}, LoRA r={s['lora_r']} all-linear "
+    lines = [f"{result['model']}: seq {s['seq_len']}, batch {s['batch_size']}, {'DoRA' if s.get('dora') else 'LoRA'} r={s['lora_r']} all-linear "
              f"({s.get('lora_dtype', 'bfloat16')}), "
              f"{s['optimizer']}, loss chunk {s['loss_chunk_size']}, gradient checkpointing", "",
              "| | " + " | ".join(modes) + " |", "|---|" + "---:|" * len(modes)]

@@ -18,10 +18,12 @@ from pathlib import Path
 
 import torch
 
+from . import gguf_export
 from .adapter import check_adapter_fits, read_adapter_config, read_adapter_weights
 from .atomic import atomic_dir, atomic_write_json, atomic_write_text, require_space, write_safetensors
 from .dtypes import SHORT_NAMES, torch_dtype
 from .errors import QloraError
+from .dora import dora_merged_weight
 from .lora import merged_weight
 from .model import load_model, pick_device, resolve_model_path
 from .quant import dequantized, is_4bit, logical_shape
@@ -162,7 +164,7 @@ def load_base(cfg: ModelConfig, base: str, device: str = "cpu"):
 
 def export_model(source: str | Path, out: str | Path, dtype: str = "bf16", base: str = "dequantized",
                  max_shard_size: str | int = "2GB", model: str | None = None, verify: bool = False,
-                 overwrite: bool = False, log=print, device: str = "auto") -> dict:
+                 overwrite: bool = False, log=print, device: str = "auto", gguf: str | None = None) -> dict:
     """Merge the adapter of a run (or a bare adapter) into its base; write a Hugging Face folder.
 
     Args:
@@ -179,6 +181,7 @@ def export_model(source: str | Path, out: str | Path, dtype: str = "bf16", base:
         log (callable): progress printer. Default print.
         device (str): where the base is quantized and verify runs: "auto" (the kind of device
             the run trained on, when present), "cpu" or "cuda". Default "auto".
+        gguf (str | None): also write a GGUF ("f16", "bf16", "q8_0") and an Ollama Modelfile. Default None.
 
     Returns:
         dict: what EXPORT.md records (shards, bytes, merged modules, seconds, verify numbers).
@@ -186,10 +189,10 @@ def export_model(source: str | Path, out: str | Path, dtype: str = "bf16", base:
     # A run folder (or a checkpoint in one) that a training process is writing is refused (runlock.py).
     run = owning_run(source)
     with run_lock(run, "export", create=False) if run is not None else nullcontext():
-        return _export_locked(source, out, dtype, base, max_shard_size, model, verify, overwrite, log, device)
+        return _export_locked(source, out, dtype, base, max_shard_size, model, verify, overwrite, log, device, gguf)
 
 
-def _export_locked(source, out, dtype, base, max_shard_size, model, verify, overwrite, log, device) -> dict:
+def _export_locked(source, out, dtype, base, max_shard_size, model, verify, overwrite, log, device, gguf) -> dict:
     """`export_model` with the source's run folder locked."""
     out = Path(out)
     _check_options(dtype, base, out, overwrite)
@@ -198,6 +201,8 @@ def _export_locked(source, out, dtype, base, max_shard_size, model, verify, over
     lora_cfg, _ = read_adapter_config(src.adapter_dir)
     adapter = read_adapter_weights(src.adapter_dir)
     out_dtype = torch_dtype(dtype)
+    if gguf:
+        gguf_export.check_convertible(local_model_dir(src.model, False), gguf)
     t0 = time.perf_counter()
 
     device = quantize_device(src, device)
@@ -208,7 +213,8 @@ def _export_locked(source, out, dtype, base, max_shard_size, model, verify, over
     info = {"source": str(source), "kind": src.kind, "base_model": src.model.name_or_path,
             "adapter": str(src.adapter_dir), "base": base, "dtype": dtype,
             "merged_modules": len(adapter), "scale": lora_cfg.scale, "r": lora_cfg.r, "alpha": lora_cfg.alpha,
-            "trained_on": src.trained_on, "quantized_on": device}
+            "trained_on": src.trained_on, "quantized_on": device,
+            "dora": lora_cfg.use_dora}
 
     with ExitStack() as stack:
         reader = _original_reader(src, keys, stack) if base == "original" else None
@@ -222,6 +228,8 @@ def _export_locked(source, out, dtype, base, max_shard_size, model, verify, over
                         date=datetime.datetime.now().isoformat(timespec="seconds"))
             if verify:
                 info["verify"] = verify_export(tmp, src, device=device)
+            if gguf:
+                info["gguf"] = gguf_export.write_gguf(tmp, gguf, log)
             atomic_write_text(tmp / "EXPORT.md", export_card(info))
     return info
 
@@ -300,8 +308,11 @@ def merge_tensor(key: str, w: torch.Tensor, adapter: dict, lora_cfg: LoraConfig,
     ab = adapter.get(module)
     if ab is None:
         return w.to(dtype).contiguous()
-    a, b = (ab[k].to(w.device) for k in ("lora_A", "lora_B"))  # w is on the GPU when quantized there
-    return merged_weight(w, a, b, lora_cfg.scale).to(dtype).contiguous()
+    ab = {k: v.to(w.device) for k, v in ab.items()}  # w is on the GPU when quantized there
+    if "lora_magnitude_vector" in ab:
+        return dora_merged_weight(w, ab["lora_A"], ab["lora_B"], ab["lora_magnitude_vector"], lora_cfg.scale) \
+            .to(dtype).contiguous()
+    return merged_weight(w, ab["lora_A"], ab["lora_B"], lora_cfg.scale).to(dtype).contiguous()
 
 
 def write_metadata(folder: Path, src: RunSource, dtype: torch.dtype) -> str:
@@ -351,7 +362,8 @@ def export_card(info: dict) -> str:
         f"- NF4 quantized on: {info['quantized_on']} (trained on: {info['trained_on'] or 'unknown'})"
         + (" - not the training device: the CPU and CUDA kernels round a few weights to the neighbouring "
            "NF4 code" if info["trained_on"] and info["trained_on"] != info["quantized_on"].split(":")[0] else ""),
-        f"- merge: W + scale * B @ A in fp32, cast once to {info['dtype']}; never re-quantized",
+        f"- merge: {'DoRA, m / ||W + scale * B @ A|| * (W + scale * B @ A)' if info.get('dora') else 'W + scale * B @ A'}"
+        f" in fp32, cast once to {info['dtype']}; never re-quantized",
         f"- prompt format: {info['prompt_format']}",
         f"- shards: {info['shards']}, {info['total_bytes'] / 1e9:.3f} GB",
         f"- date: {info['date']} ({info['seconds']} s)",
@@ -362,5 +374,9 @@ def export_card(info: dict) -> str:
                   f"- max |logit diff|: {v['max_abs_logit_diff']:.4g}, mean: {v['mean_abs_logit_diff']:.4g} "
                   f"(logits up to {v['max_abs_logit']:.4g})",
                   f"- argmax agreement: {v['argmax_agreement']:.3f}; greedy tokens agree: {v['greedy_agree']}"]
+    g = info.get("gguf")
+    if g:
+        lines += ["", f"GGUF ({g['type']}, llama.cpp's converter): `{g['file']}`, {g['bytes'] / 1e6:.1f} MB; "
+                  f"Ollama: `ollama create NAME -f Modelfile` (stop: {', '.join(g['stop'])})."]
     lines += ["", "Load with `AutoModelForCausalLM.from_pretrained(<this folder>)`; no bitsandbytes needed.", ""]
     return "\n".join(lines)

@@ -2,6 +2,7 @@
 
 One class serves both modes: it wraps a `bnb.nn.Linear4bit` (QLoRA) or a plain
 `nn.Linear` (bf16 LoRA) held as `.base`, so the quantized base is never subclassed.
+With `lora.use_dora` it also holds DoRA's magnitude; DoRA's math lives in dora.py.
 """
 
 from __future__ import annotations
@@ -11,12 +12,13 @@ import math
 import torch
 from torch import nn
 
+from .dora import dora_delta, init_magnitude
 from .dtypes import torch_dtype
 from .errors import QloraError
 from .quant import logical_numel
 from .recipe import LoraConfig
 
-ADAPTER_PARAM_NAMES = ("lora_A.weight", "lora_B.weight")
+ADAPTER_PARAM_NAMES = ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector")
 
 
 # Dropout masks on CPU cost the generator (mt19937), not the multiply: bernoulli_ draws once
@@ -66,13 +68,20 @@ class LoRALinear(nn.Module):
         # Same init as PEFT/torchtune: B = 0 makes the adapted model start as the base.
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
+        # DoRA's magnitude (qlora_lite/dora.py); None for plain LoRA.
+        self.register_parameter("lora_magnitude_vector", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (..., d_in) -> (..., d_out)."""
         out = self.base(x)
         # Under autocast the matmul dtype is chosen for us; outside it, run the adapter in
         # its own dtype and cast back, as PEFT does, so both stacks round identically.
-        a_in = x if torch.is_autocast_enabled(x.device.type) else x.to(self.lora_A.weight.dtype)
+        autocast = torch.is_autocast_enabled(x.device.type)
+        a_in = x if autocast else x.to(self.lora_A.weight.dtype)
+        if self.lora_magnitude_vector is not None:
+            # PEFT adds DoRA's term in the adapter dtype and casts the sum back.
+            y = out + dora_delta(self, a_in, out)
+            return y if autocast else y.to(out.dtype)
         delta = self.lora_B(self.lora_A(self.dropout(a_in))) * self.scale
         return out + delta.to(out.dtype)
 
@@ -148,6 +157,8 @@ def attach_lora(model: nn.Module, cfg: LoraConfig, targets: list[str] | None = N
         if not is_linear(base):
             raise QloraError(f"Module {name!r} is a {type(base).__name__}, not a linear layer.")
         setattr(parent, child, LoRALinear(base, cfg.r, cfg.alpha, cfg.dropout, cfg.rslora, dtype))
+        if cfg.use_dora:
+            init_magnitude(getattr(parent, child))
     mark_only_lora_trainable(model)
     return list(targets)
 
@@ -171,6 +182,8 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     for name, m in lora_modules(model).items():
         out[f"{name}.lora_A.weight"] = m.lora_A.weight.detach()
         out[f"{name}.lora_B.weight"] = m.lora_B.weight.detach()
+        if m.lora_magnitude_vector is not None:
+            out[f"{name}.lora_magnitude_vector"] = m.lora_magnitude_vector.detach()
     return out
 
 
@@ -188,8 +201,9 @@ def trainable_summary(model: nn.Module) -> str:
 
 
 def expected_lora_params(model: nn.Module) -> int:
-    """r * (d_in + d_out) summed over adapted layers: the count the formula promises."""
-    return sum(m.r * (m.in_features + m.out_features) for m in lora_modules(model).values())
+    """r * (d_in + d_out) (+ d_out with DoRA) summed over adapted layers: the count the formula promises."""
+    return sum(m.r * (m.in_features + m.out_features) + (m.out_features if m.lora_magnitude_vector is not None else 0)
+               for m in lora_modules(model).values())
 
 
 def merged_weight(w0: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float) -> torch.Tensor:

@@ -76,11 +76,13 @@ def format_record(r: dict) -> str:
 
 
 class MetricsLog:
-    """metrics.jsonl, appended and flushed record by record, echoed through `write` (a tqdm bar's)."""
+    """metrics.jsonl, appended and flushed record by record, echoed through `write` (a tqdm bar's)
+    and sent to the run's experiment trackers (`tracker`, qlora_lite/tracking.py) when given."""
 
-    def __init__(self, path: Path, write=print):
+    def __init__(self, path: Path, write=print, tracker=None):
         self.file = open(path, "a")
         self.write = write
+        self.tracker = tracker
 
     def train(self, record: dict) -> None:
         self._append(record)
@@ -95,6 +97,8 @@ class MetricsLog:
     def _append(self, record: dict) -> None:
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
+        if self.tracker is not None:
+            self.tracker.log(record)
 
     def close(self) -> None:
         self.file.close()

@@ -100,6 +100,8 @@ class LoraConfig:
             tiny late-schedule updates that bf16 rounds away, at 2x the adapter memory).
             Recorded in adapter_config.json, so generate and export --verify load the adapter
             in it; `estimate --lora-dtype` counts it. Default "bfloat16".
+        use_dora (bool): DoRA: a trainable magnitude per output row on top of the LoRA
+            direction (QDoRA on a 4-bit base; qlora_lite/dora.py). Default False.
     """
 
     r: int = 16
@@ -108,6 +110,7 @@ class LoraConfig:
     target_modules: Any = "all-linear"
     rslora: bool = False
     dtype: str = "bfloat16"
+    use_dora: bool = False
 
     def __post_init__(self):
         _check_positive("lora.r", self.r)
@@ -203,6 +206,8 @@ class TrainConfig:
         loss_chunk_size (int): tokens per chunk of the chunked cross-entropy; 0 computes
             the plain loss over full fp32 logits. Default 1024.
         device (str): "auto" (CUDA when available), "cuda" or "cpu". Default "auto".
+        report_to (list[str]): experiment trackers that also get the metrics, each an extra:
+            "tensorboard", "wandb", "mlflow" (qlora_lite/tracking.py). Default [] (metrics.jsonl only).
     """
 
     seed: int = 42
@@ -223,6 +228,7 @@ class TrainConfig:
     keep_last: int = 2
     loss_chunk_size: int = 1024
     device: str = "auto"
+    report_to: Any = field(default_factory=list)
 
     def __post_init__(self):
         _check_positive("train.epochs", self.epochs)
@@ -244,9 +250,18 @@ class TrainConfig:
         _check_positive("train.keep_last", self.keep_last)
         _check_nonnegative("train.loss_chunk_size", self.loss_chunk_size)
         _check_choice("train.device", self.device, ("auto", "cuda", "cpu"))
+        if self.report_to in (None, "none"):
+            self.report_to = []
+        elif isinstance(self.report_to, str):
+            self.report_to = [self.report_to]
+        if not isinstance(self.report_to, list):
+            raise RecipeError(f"train.report_to must be a list of {', '.join(TRACKERS)}, got {self.report_to!r}.")
+        for name in self.report_to:
+            _check_choice("train.report_to entry", name, TRACKERS)
 
 
 OPTIMIZERS = ("paged_adamw_8bit", "paged_adamw_32bit", "adamw_8bit", "adamw")
+TRACKERS = ("tensorboard", "wandb", "mlflow")
 
 
 @dataclass

@@ -33,6 +33,7 @@ from .optim import build_optimizer, build_scheduler
 from .recipe import Recipe, save_recipe
 from .runlock import clear_run_folder, has_content, run_lock
 from .step import NonFiniteLoss, autocast_context, grad_scaler, to_device, train_step
+from .tracking import Tracker, open_trackers
 
 EXIT_INTERRUPTED = 130  # the shell's code for "stopped by SIGINT"
 
@@ -82,6 +83,7 @@ class Run:
     state: RunState = field(default_factory=RunState)
     window: LogWindow = field(default_factory=LogWindow)
     last_eval: float | None = None
+    tracker: Tracker = field(default_factory=lambda: Tracker([]))  # train.report_to (tracking.py)
 
     def evaluate(self) -> float:
         t = self.recipe.train
@@ -156,6 +158,7 @@ def setup_run(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> 
     device = pick_device(t.device)
     scaler = grad_scaler(cfg.model.quantization.compute_dtype, cfg.lora.dtype, device)
     save_recipe(cfg, run_dir / "recipe.yaml")
+    tracker = open_trackers(cfg, run_dir, resume)  # report_to: fails here if a library is missing
     seed_everything(t.seed)
 
     tokenizer = load_tokenizer(cfg.model)
@@ -175,7 +178,7 @@ def setup_run(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> 
     total_steps = t.max_steps or t.epochs * steps_per_epoch
     scheduler = build_scheduler(optimizer, t.lr_scheduler, t.warmup_steps, total_steps)
     run = Run(recipe, run_dir, device, model, tokenizer, train_set, eval_set, params, optimizer, scheduler,
-              total_steps, autocast_context(device, cfg.model.quantization.compute_dtype), scaler)
+              total_steps, autocast_context(device, cfg.model.quantization.compute_dtype), scaler, tracker=tracker)
     if resume:
         ckpt = latest_checkpoint(run_dir)
         saved = load_checkpoint(ckpt, model, optimizer, scheduler, scaler=scaler)
@@ -192,12 +195,12 @@ def fit(run: Run) -> None:
     t, state = run.recipe.train, run.state
     stream = micro_batches(run.train_set, run.recipe, state.epoch, state.batch_in_epoch,
                            run.tokenizer.pad_token_id, mask_dtype(run.model))
-    log = MetricsLog(run.run_dir / "metrics.jsonl")
+    log = MetricsLog(run.run_dir / "metrics.jsonl", tracker=run.tracker)
     # disable=None: a bar on a terminal, plain log lines in files and CI.
     bar = tqdm(total=run.total_steps, initial=state.step, desc="train", unit="step", dynamic_ncols=True, disable=None)
     log.write = bar.write
     run.model.train()
-    with InterruptFlag() as interrupt, bar:
+    with InterruptFlag() as interrupt, bar, run.tracker:
         try:
             while state.step < run.total_steps:
                 t0 = time.perf_counter()
@@ -275,6 +278,7 @@ def finish(run: Run, extra: dict | None = None) -> dict:
         **(extra or {}),
     }
     atomic_write_json(run.run_dir / "summary.json", summary)
+    run.tracker.finish(summary)
     return summary
 
 
