@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # The CPU wheel of torch; an unpinned torch would pull a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: demo test install clean
+.PHONY: demo test test-fast install clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -26,6 +26,10 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest tests
+
+# Unit tests only, for the edit-test loop: no whole runs, no subprocesses.
+test-fast: install
+	$(BIN)/python -m pytest tests -m "not slow and not gpu" -q
 
 clean:
 	rm -rf runs .cache
