@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # whole training runs: `make test` only, not `make test-fast`
+
 pytest.importorskip("trl")
 pytest.importorskip("peft")
 

@@ -20,6 +20,8 @@ from qlora_lite.recipe import load_recipe, recipe_from_dict
 from qlora_lite.tiny import demo_rows
 from qlora_lite.train import train
 
+pytestmark = pytest.mark.slow  # whole training runs: `make test` only, not `make test-fast`
+
 
 @pytest.fixture(scope="module")
 def fp32_run(tmp_path_factory):

@@ -15,6 +15,8 @@ from qlora_lite.train import train
 
 from test_train import data_file, make_recipe  # noqa: F401  (data_file is a fixture)
 
+pytestmark = pytest.mark.slow  # whole training runs: `make test` only, not `make test-fast`
+
 
 def needs(name: str):
     return pytest.mark.skipif(importlib.util.find_spec(LIBRARIES[name]) is None,

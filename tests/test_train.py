@@ -17,6 +17,8 @@ from qlora_lite.errors import QloraError
 from qlora_lite.recipe import recipe_from_dict
 from qlora_lite.train import NonFiniteLoss, train
 
+pytestmark = pytest.mark.slow  # whole training runs: `make test` only, not `make test-fast`
+
 REPO = Path(__file__).resolve().parents[1]
 
 
