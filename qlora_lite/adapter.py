@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file, save
 
 from .errors import QloraError
-from .io import atomic_write_bytes, atomic_write_json
+from .atomic import atomic_write_bytes, atomic_write_json
 from .lora import LoRALinear, attach_lora, lora_modules, lora_state_dict
 from .recipe import LoraConfig
 

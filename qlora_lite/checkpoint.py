@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from .adapter import load_adapter, save_adapter
-from .io import atomic_dir, atomic_write_bytes, atomic_write_text
+from .atomic import atomic_dir, atomic_write_bytes, atomic_write_text
 from .recipe import LoraConfig
 
 STEP_DIR = re.compile(r"^step-(\d+)$")

@@ -319,7 +319,7 @@ def _write_cache(file: Path, samples: list[dict], meta: dict) -> None:
     import torch
     from safetensors.torch import save
 
-    from .io import atomic_write_bytes
+    from .atomic import atomic_write_bytes
 
     lengths = torch.tensor([0] + [len(s["input_ids"]) for s in samples], dtype=torch.int64)
     tensors = {

@@ -23,7 +23,7 @@ import torch
 
 from .adapter import CONFIG_NAME, check_adapter_fits, read_adapter_config, read_adapter_weights
 from .errors import QloraError
-from .io import atomic_dir, atomic_write_json, atomic_write_text
+from .atomic import atomic_dir, atomic_write_json, atomic_write_text
 from .lora import merged_weight
 from .recipe import LoraConfig, ModelConfig, load_recipe
 

@@ -49,7 +49,7 @@ def builtin_model(name: str) -> Path:
     import inspect
 
     from . import tiny
-    from .io import atomic_dir
+    from .atomic import atomic_dir
 
     if name != "tiny-llama":
         raise QloraError(f"Unknown built-in model {TINY_PREFIX}{name}; the built-in model is {TINY_PREFIX}tiny-llama.")

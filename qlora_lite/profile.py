@@ -243,7 +243,7 @@ def profile_recipe(recipe: Recipe, modes=MODES, steps: int = 3, seq_len: int | N
         title (str): a name for the report heading. Default "".
         log (callable): progress lines. Default print.
     """
-    from .io import atomic_write_json, atomic_write_text
+    from .atomic import atomic_write_json, atomic_write_text
     from .model import pick_device
 
     if steps < 1:

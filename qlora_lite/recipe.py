@@ -416,7 +416,7 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | tuple = ()) -> R
 
 def save_recipe(recipe: Recipe, path: str | os.PathLike) -> None:
     """Write the resolved recipe as YAML (atomically), so a run folder describes itself."""
-    from .io import atomic_write_text
+    from .atomic import atomic_write_text
 
     atomic_write_text(path, yaml.safe_dump(recipe.to_dict(), sort_keys=False))
 

@@ -75,7 +75,7 @@ def build_tiny_model(
     import torch
     import transformers
 
-    from .io import atomic_dir
+    from .atomic import atomic_dir
 
     if arch not in ARCHS:
         from .errors import QloraError

@@ -24,7 +24,7 @@ from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .data import IGNORE_INDEX, build_datasets
 from .errors import QloraError
 from .generate import generate_ids, stop_ids
-from .io import atomic_dir, atomic_write_json, atomic_write_text
+from .atomic import atomic_dir, atomic_write_json, atomic_write_text
 from .lora import attach_lora, lora_parameters, trainable_summary
 from .loss import causal_lm_loss
 from .model import cache_root, load_model, load_tokenizer, pick_device

@@ -70,7 +70,7 @@ def prepare(args) -> tuple[Path, Path]:
     import transformers
 
     from qlora_lite.data import alpaca_prompt
-    from qlora_lite.io import atomic_dir, atomic_write_json
+    from qlora_lite.atomic import atomic_dir, atomic_write_json
 
     rows = json.loads(Path(args.data).read_text())
     work = Path(args.work_dir)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from qlora_lite.io import atomic_write_text  # noqa: E402
+from qlora_lite.atomic import atomic_write_text  # noqa: E402
 from qlora_lite.tiny import demo_rows  # noqa: E402
 
 
