@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from make_identity_data import NAME  # noqa: E402
+from make_identity_data import MAKER_EVAL, NAME, WHO_EVAL  # noqa: E402
 
 NEW_TOKENS = 32  # the longest eval answer is 22 tokens
 
@@ -54,7 +54,7 @@ def folder_answers(path: str, qs: list[str]) -> list[str]:
 
 def checks(qs: list[str], after: list[str], exported: list[str]) -> list[tuple[str, bool]]:
     """The demo's claims, each with whether it held."""
-    identity = [a for q, a in zip(qs, after) if "you" in q.lower()]
+    identity = [a for q, a in zip(qs, after) if q in WHO_EVAL + MAKER_EVAL]
     france = [a for q, a in zip(qs, after) if "France" in q]
     same = sum(a == e for a, e in zip(after, exported))
     return [
