@@ -18,7 +18,13 @@ response-token-weighted mean of the per-step training loss over the last quarter
 Each side shuffles the rows with its own seeded sampler (qlora-lite packs them, so a shared
 order is not possible); the spread over seeds says how much that moves the loss.
 
-peft and trl are imported only by the reference worker (the `bench` extra).
+With `--model DIR` both sides train that model instead (e.g. SmolLM2-135M-Instruct from
+`make smollm2`), and every run's adapter is also scored on held-out rows (`--eval-rows`, default
+4000:4064) by tools/bench_score.py: the judge on a pretrained model, where training-loss windows
+over different rows do not compare. `--reference tuned` sets the HF side up as an expert would
+(tools/bench_reference.py).
+
+peft and trl are imported only by the reference worker and the scorer (the `bench` extra).
 """
 
 from __future__ import annotations
