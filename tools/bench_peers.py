@@ -189,6 +189,9 @@ def run_side(side: str, spec: dict, quiet: bool) -> dict:
         raise SystemExit(f"{side} run failed (exit {proc.returncode}); log {out / 'log.txt'}:\n{tail}")
     result = json.loads((out / "result.json").read_text())
     result["peak_rss_bytes"] = usage.ru_maxrss * 1024  # Linux reports KiB
+    # CPU seconds of the whole worker (loading included): on a machine other processes load, the
+    # work done, where wall-clock tokens/s measures the neighbours too.
+    result["cpu_s"] = usage.ru_utime + usage.ru_stime
     result["side"], result["seed"], result["out"] = side, spec["seed"], spec["out"]
     result["tokens_per_s"] = result["tokens"] / result["train_s"]
     result["loss_at_tokens"] = windowed_loss(result["steps"], result["trained_tokens"])
