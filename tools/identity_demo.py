@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from make_identity_data import MAKER_EVAL, NAME, WHO_EVAL  # noqa: E402
 
-NEW_TOKENS = 32  # the longest eval answer is 22 tokens
+NEW_TOKENS = 24  # the longest answer in the data is 21 tokens + EOS; the base's rambling is cut here
 
 
 def questions(eval_path: str) -> list[str]:
