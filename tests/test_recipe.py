@@ -20,7 +20,8 @@ def with_(section, **kv):
 def test_shipped_recipes_validate(path):
     r = load_recipe(path)
     assert r.model.quantization.quant_type == "nf4" and r.model.quantization.double_quant
-    assert r.lora.target_modules == "all-linear" and r.model.gradient_checkpointing
+    # Checkpointing saves GPU memory; a CPU-only recipe may spend that memory on speed instead.
+    assert r.lora.target_modules == "all-linear" and (r.model.gradient_checkpointing or r.train.device == "cpu")
     assert "qlora-lite run recipes/" in path.read_text().splitlines()[1]
 
 

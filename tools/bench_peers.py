@@ -18,7 +18,13 @@ response-token-weighted mean of the per-step training loss over the last quarter
 Each side shuffles the rows with its own seeded sampler (qlora-lite packs them, so a shared
 order is not possible); the spread over seeds says how much that moves the loss.
 
-peft and trl are imported only by the reference worker (the `bench` extra).
+With `--model DIR` both sides train that model instead (e.g. SmolLM2-135M-Instruct from
+`make smollm2`), and every run's adapter is also scored on held-out rows (`--eval-rows`, default
+4000:4064) by tools/bench_score.py: the judge on a pretrained model, where training-loss windows
+over different rows do not compare. `--reference tuned` sets the HF side up as an expert would
+(tools/bench_reference.py).
+
+peft and trl are imported only by the reference worker and the scorer (the `bench` extra).
 """
 
 from __future__ import annotations
@@ -37,6 +43,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 SIDES = ("reference", "qlora-lite")
+sys.path.insert(0, str(ROOT / "tools"))
+from bench_reference import REFERENCES  # noqa: E402
 LORA = {"r": 16, "alpha": 32, "dropout": 0.05}
 # The share of the token budget, at its end, over which the training loss is averaged:
 # one step's loss is too noisy to compare, a quarter of the run is not.
@@ -60,6 +68,8 @@ def prepare(args) -> tuple[Path, Path]:
     rows_file = work / f"rows-{args.rows}.json"
     if not rows_file.exists():
         atomic_write_json(rows_file, rows[: args.rows])
+    if args.model:
+        return Path(args.model), rows_file
     shape = {"hidden": args.hidden, "layers": args.layers, "vocab": args.vocab,
              "data": hashlib.sha256(Path(args.data).read_bytes()).hexdigest()[:16], "version": 1}
     model_dir = work / "model-{}".format(hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()[:12])
@@ -83,68 +93,6 @@ def prepare(args) -> tuple[Path, Path]:
 
 
 # ---------------------------------------------------------------- workers (run in their own process)
-
-
-def reference_worker(spec: dict) -> dict:
-    """The QLoRA paper / PEFT / TRL recipe: BitsAndBytesConfig, prepare_model_for_kbit_training,
-    LoraConfig(all-linear), SFTTrainer on prompt/completion rows (completion-only loss)."""
-    import torch
-    from datasets import Dataset
-    from peft import LoraConfig, prepare_model_for_kbit_training
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, TrainerCallback, set_seed
-    from trl import SFTConfig, SFTTrainer
-
-    from qlora_lite.data import alpaca_prompt
-
-    set_seed(spec["seed"])  # the adapters are initialised before the Trainer seeds anything
-    cuda = spec["device"] == "cuda"
-    tokenizer = AutoTokenizer.from_pretrained(spec["model"])
-    rows = json.loads(Path(spec["rows"]).read_text())
-    dataset = Dataset.from_list([{"prompt": alpaca_prompt(r["instruction"], r.get("input") or ""),
-                                  "completion": r["output"]} for r in rows])
-    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                               bnb_4bit_compute_dtype=torch.bfloat16)
-    model = AutoModelForCausalLM.from_pretrained(spec["model"], quantization_config=quant, dtype=torch.bfloat16,
-                                                 device_map={"": 0 if cuda else "cpu"})
-    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
-    lora = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
-                      target_modules="all-linear", task_type="CAUSAL_LM")
-    config = SFTConfig(
-        output_dir=str(Path(spec["out"]) / "trl"), per_device_train_batch_size=spec["batch"],
-        gradient_accumulation_steps=spec["accum"], num_train_epochs=1, learning_rate=spec["lr"],
-        lr_scheduler_type="constant", warmup_steps=0, optim="paged_adamw_32bit", weight_decay=0.0,
-        max_grad_norm=1.0, max_length=spec["max_seq_len"], bf16=True, gradient_checkpointing=True,
-        logging_steps=1, save_strategy="no", report_to="none", seed=spec["seed"], disable_tqdm=True,
-        use_cpu=not cuda, dataloader_num_workers=0,
-    )
-    steps: list[list] = []  # per optimizer step: [response tokens, loss]
-    counts = {"tokens": 0, "trained": 0}
-
-    class Counting(SFTTrainer):
-        def training_step(self, model, inputs, num_items_in_batch=None):
-            # Still the collated CPU batch here, so counting costs no device sync.
-            counts["tokens"] += int(inputs["attention_mask"].sum())
-            counts["trained"] += int((inputs["labels"][:, 1:] != -100).sum())
-            return super().training_step(model, inputs, num_items_in_batch)
-
-    class Clock(TrainerCallback):
-        def on_train_begin(self, *a, **k):
-            self.t0 = time.perf_counter()
-
-        def on_train_end(self, *a, **k):
-            counts["train_s"] = time.perf_counter() - self.t0
-
-        def on_log(self, args, state, control, logs=None, **k):
-            if logs and "loss" in logs:
-                steps.append([counts["trained"], float(logs["loss"])])
-
-    trainer = Counting(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
-                       peft_config=lora, callbacks=[Clock()])
-    trainer.train()
-    # Turn cumulative counts into per-step response tokens, as qlora-lite logs them.
-    per_step = [[b[0] - a[0], b[1]] for a, b in zip([[0, 0]] + steps, steps)]
-    return {"tokens": counts["tokens"], "trained_tokens": counts["trained"], "train_s": counts["train_s"],
-            "steps": per_step}
 
 
 def lite_worker(spec: dict) -> dict:
@@ -190,7 +138,12 @@ def worker_main(side: str, spec_file: str) -> None:
     if spec["threads"]:
         torch.set_num_threads(spec["threads"])
     t0 = time.perf_counter()
-    result = (reference_worker if side == "reference" else lite_worker)(spec)
+    if side == "reference":
+        from bench_reference import reference_worker
+
+        result = reference_worker(spec, LORA)
+    else:
+        result = lite_worker(spec)
     result["wall_s"] = time.perf_counter() - t0
     result["cuda_peak_bytes"] = int(torch.cuda.max_memory_allocated()) if spec["device"] == "cuda" else None
     Path(spec["out"], "result.json").write_text(json.dumps(result))
@@ -219,12 +172,31 @@ def run_side(side: str, spec: dict, quiet: bool) -> dict:
         raise SystemExit(f"{side} run failed (exit {proc.returncode}); log {out / 'log.txt'}:\n{tail}")
     result = json.loads((out / "result.json").read_text())
     result["peak_rss_bytes"] = usage.ru_maxrss * 1024  # Linux reports KiB
-    result["side"], result["seed"] = side, spec["seed"]
+    # CPU seconds of the whole worker (loading included): on a machine other processes load, the
+    # work done, where wall-clock tokens/s measures the neighbours too.
+    result["cpu_s"] = usage.ru_utime + usage.ru_stime
+    result["side"], result["seed"], result["out"] = side, spec["seed"], spec["out"]
     result["tokens_per_s"] = result["tokens"] / result["train_s"]
     result["loss_at_tokens"] = windowed_loss(result["steps"], result["trained_tokens"])
     if not quiet:
         print(format_row(result), flush=True)
     return result
+
+
+def score_runs(results: list[dict], base: dict, data: str, eval_rows: str, max_seq_len: int) -> None:
+    """Held-out eval loss of every run's adapter, all scored in one process on the same 4-bit base."""
+    adapters = [str(Path(r["out"]) / ("adapter" if r["side"] == "reference" else "run/adapter")) for r in results]
+    cmd = [sys.executable, str(ROOT / "tools" / "bench_score.py"), "--model", base["model"], "--data", data,
+           "--rows", eval_rows, "--max-seq-len", str(max_seq_len), *adapters]
+    env = {**os.environ, "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1"}
+    if base["threads"]:
+        env["OMP_NUM_THREADS"] = str(base["threads"])
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+    if out.returncode != 0:
+        raise SystemExit(f"scoring failed:\n{out.stderr[-3000:]}")
+    scores = json.loads(out.stdout)
+    for r, path in zip(results, adapters):
+        r["eval_loss"], r["base_eval_loss"] = scores[path], scores["base"]
 
 
 def windowed_loss(steps: list[list], total: int) -> float:
@@ -241,13 +213,17 @@ def memory_of(r: dict) -> int:
     return r["cuda_peak_bytes"] if r.get("cuda_peak_bytes") else r["peak_rss_bytes"]
 
 
-HEADER = f"{'side':<11}{'seed':>5}{'steps':>7}{'tokens':>9}{'tok/s':>9}{'peak RSS MB':>13}{'CUDA MB':>9}{'loss@T':>9}"
+HEADER = f"{'side':<11}{'seed':>5}{'steps':>7}{'tokens':>9}{'tok/s':>9}{'peak RSS MB':>13}{'CUDA MB':>9}{'loss@T':>9}{'eval':>9}"
 
 
 def format_row(r: dict) -> str:
     cuda = f"{r['cuda_peak_bytes'] / 2**20:.0f}" if r.get("cuda_peak_bytes") else "-"
     return (f"{r['side']:<11}{r['seed']:>5}{len(r['steps']):>7}{r['tokens']:>9}{r['tokens_per_s']:>9.1f}"
-            f"{r['peak_rss_bytes'] / 2**20:>13.0f}{cuda:>9}{r['loss_at_tokens']:>9.4f}")
+            f"{r['peak_rss_bytes'] / 2**20:>13.0f}{cuda:>9}{r['loss_at_tokens']:>9.4f}{_eval(r.get('eval_loss')):>9}")
+
+
+def _eval(x) -> str:
+    return "-" if x is None else f"{x:.4f}"
 
 
 def summarise(results: list[dict]) -> dict:
@@ -264,12 +240,18 @@ def summarise(results: list[dict]) -> dict:
             "loss_spread": max(losses) - min(losses),
             "tokens": rs[0]["tokens"], "trained_tokens": rs[0]["trained_tokens"],
         }
+        evals = [r["eval_loss"] for r in rs if r.get("eval_loss") is not None]
+        if evals:
+            out[side].update(eval_loss=statistics.median(evals), eval_spread=max(evals) - min(evals),
+                             base_eval_loss=rs[0]["base_eval_loss"])
     ref, lite = out["reference"], out["qlora-lite"]
     out["ratios"] = {
         "tokens_per_s": lite["tokens_per_s"] / ref["tokens_per_s"],
         "peak_memory": lite["peak_memory_bytes"] / ref["peak_memory_bytes"],
         "loss_delta": lite["loss_at_tokens"] - ref["loss_at_tokens"],
     }
+    if "eval_loss" in lite and "eval_loss" in ref:
+        out["ratios"]["eval_delta"] = lite["eval_loss"] - ref["eval_loss"]
     return out
 
 
@@ -295,6 +277,13 @@ def main(argv=None) -> None:
     ap.add_argument("--lite-set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                     help="Extra recipe override for the qlora-lite side (repeatable).")
     ap.add_argument("--lr", type=float, default=2e-4)
+    ap.add_argument("--model", default=None,
+                    help="A model folder (e.g. .cache/models/smollm2-135m-instruct) instead of the random Llama.")
+    ap.add_argument("--reference", choices=REFERENCES, default="default",
+                    help="default: the documented PEFT/TRL recipe; tuned: packing, bf16, non-reentrant checkpointing.")
+    ap.add_argument("--eval-rows", default=None, metavar="START:END",
+                    help="Held-out rows of --data to score every run's adapter on (tools/bench_score.py); "
+                         "default 4000:4064 with --model, none on the random model.")
     ap.add_argument("--hidden", type=int, default=512)
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--vocab", type=int, default=32000)
@@ -313,7 +302,8 @@ def main(argv=None) -> None:
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     model_dir, rows_file = prepare(args)
     base = {"model": str(model_dir), "rows": str(rows_file), "max_seq_len": args.max_seq_len, "accum": args.accum,
-            "lr": args.lr, "device": device, "work_dir": str(args.work_dir), "threads": args.threads}
+            "lr": args.lr, "device": device, "work_dir": str(args.work_dir), "threads": args.threads,
+            "reference": args.reference}
     stamp = time.strftime("%Y%m%d-%H%M%S")
     load_before = os.getloadavg()[0]
     results = []
@@ -325,6 +315,9 @@ def main(argv=None) -> None:
             spec = {**base, "seed": seed, "batch": batch, "packing": not args.no_packing, "lite_set": args.lite_set,
                     "out": str(Path(args.work_dir) / "runs" / stamp / f"{seed}-{side}")}
             results.append(run_side(side, spec, quiet=args.json))
+    eval_rows = args.eval_rows or ("4000:4064" if args.model else None)
+    if eval_rows:
+        score_runs(results, base, args.data, eval_rows, args.max_seq_len)
     if args.only:
         return
     s = summarise(results)
@@ -345,13 +338,16 @@ def format_footer(report: dict) -> str:
         cuda = f"{m['peak_memory_bytes'] / 2**20:.0f}" if report["device"] == "cuda" else "-"
         lines.append(f"{'median ' + side:<23}{m['tokens']:>9}{m['tokens_per_s']:>9.1f}"
                      f"{m['peak_rss_bytes'] / 2**20:>13.0f}{cuda:>9}{m['loss_at_tokens']:>9.4f}"
-                     f"  (loss spread over seeds {m['loss_spread']:.4f})")
+                     f"{_eval(m.get('eval_loss')):>9}  (spread over seeds: loss {m['loss_spread']:.4f}"
+                     + (f", eval {m['eval_spread']:.4f}; base eval {m['base_eval_loss']:.4f})" if "eval_loss" in m else ")"))
     threads = report.get("threads") or report["args"].get("threads")
     lines.append(f"device {report['device']}, threads {threads}, 1-min load average "
                  f"{s['load_average'][0]:.1f} at start, {s['load_average'][1]:.1f} at end")
     r = s["ratios"]
-    lines.append(f"qlora-lite/reference: tokens/s {r['tokens_per_s']:.2f}x, peak memory {r['peak_memory']:.2f}x, "
-                 f"loss@T {r['loss_delta']:+.4f}")
+    reference = report["args"].get("reference", "default")
+    lines.append(f"qlora-lite/reference ({reference}): tokens/s {r['tokens_per_s']:.2f}x, "
+                 f"peak memory {r['peak_memory']:.2f}x, loss@T {r['loss_delta']:+.4f}"
+                 + (f", eval {r['eval_delta']:+.4f}" if "eval_delta" in r else ""))
     return "\n".join(lines)
 
 
