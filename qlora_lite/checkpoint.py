@@ -43,7 +43,8 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 
 
 def save_checkpoint(run_dir: str | Path, model, lora_cfg: LoraConfig, base_name: str, optimizer, scheduler,
-                    state: dict, keep_last: int, scaler=None) -> Path:
+                    state: dict, keep_last: int, scaler=None, adapter_state: dict | None = None,
+                    optimizer_state: dict | None = None, rank_rng: list | None = None) -> Path:
     """Write checkpoints/step-<state['step']> atomically, then drop all but the newest `keep_last`.
 
     Args:
@@ -55,16 +56,22 @@ def save_checkpoint(run_dir: str | Path, model, lora_cfg: LoraConfig, base_name:
         state (dict): JSON-able trainer state; must hold "step".
         keep_last (int): checkpoints to keep.
         scaler (torch.amp.GradScaler | None): saved when training in fp16. Default None.
+        adapter_state (dict | None): full adapter tensors when the model holds shards (FSDP).
+            Default None: the model's own.
+        optimizer_state (dict | None): the state to save (FSDP's gathered one). Default None:
+            optimizer.state_dict().
+        rank_rng (list | None): every data-parallel rank's torch RNG state. Default None.
     """
     final = Path(run_dir) / "checkpoints" / f"step-{state['step']}"
     with atomic_dir(final, overwrite=True) as tmp:
-        save_adapter(model, tmp / "adapter", lora_cfg, base_name)
-        rng = {"torch": torch.get_rng_state()}
+        save_adapter(model, tmp / "adapter", lora_cfg, base_name, state=adapter_state)
+        rng = {"torch": torch.get_rng_state(), **({"ranks": rank_rng} if rank_rng is not None else {})}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
         # Every file fsynced before the rename, so a power cut cannot leave an empty newest
         # checkpoint after the older ones were pruned.
-        files = [("optimizer.pt", optimizer.state_dict()), ("scheduler.pt", scheduler.state_dict()), ("rng.pt", rng)]
+        optim = optimizer_state if optimizer_state is not None else optimizer.state_dict()
+        files = [("optimizer.pt", optim), ("scheduler.pt", scheduler.state_dict()), ("rng.pt", rng)]
         if scaler is not None:
             files.append(("scaler.pt", scaler.state_dict()))
         for name, obj in files:

@@ -32,14 +32,24 @@ def main():
 @click.option("--resume", is_flag=True, help="Continue from the newest complete checkpoint in the run folder.")
 @click.option("--overwrite", is_flag=True, help="Delete a previous run in output.dir and start fresh.")
 @click.option("--demo", is_flag=True, help="Also show eval loss and a generation before vs after training.")
-def run(recipe, overrides, resume, overwrite, demo):
+@click.option("--nproc", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Processes on this machine (one per GPU): starts torchrun with train.distributed.")
+def run(recipe, overrides, resume, overwrite, demo, nproc):
     """Fine-tune with RECIPE (a YAML file)."""
     from .recipe import load_recipe
-    from .train import run_recipe
 
     if resume and overwrite:
         raise click.UsageError("--resume and --overwrite exclude each other.")
-    sys.exit(run_recipe(load_recipe(recipe, overrides), resume=resume, overwrite=overwrite, demo=demo))
+    cfg = load_recipe(recipe, overrides)  # a bad recipe fails here, once, not in every rank
+    if nproc > 1:
+        from .distributed import launch
+
+        args = [recipe, *(a for o in overrides for a in ("--set", o)), *(["--resume"] if resume else []),
+                *(["--overwrite"] if overwrite else []), *(["--demo"] if demo else [])]
+        sys.exit(launch(nproc, ["run", *args]))
+    from .train import run_recipe
+
+    sys.exit(run_recipe(cfg, resume=resume, overwrite=overwrite, demo=demo))
 
 
 @main.command()

@@ -77,8 +77,8 @@ def format_record(r: dict) -> str:
 class MetricsLog:
     """metrics.jsonl, appended and flushed record by record, echoed through `write` (a tqdm bar's)."""
 
-    def __init__(self, path: Path, write=print):
-        self.file = open(path, "a")
+    def __init__(self, path: Path | None, write=print):
+        self.file = open(path, "a") if path is not None else None  # None: a rank that does not write
         self.write = write
 
     def train(self, record: dict) -> None:
@@ -92,11 +92,13 @@ class MetricsLog:
         return loss
 
     def _append(self, record: dict) -> None:
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
+        if self.file is not None:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
 
     def close(self) -> None:
-        self.file.close()
+        if self.file is not None:
+            self.file.close()
 
 
 def truncate_metrics(path: Path, step: int) -> None:

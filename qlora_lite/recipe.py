@@ -195,6 +195,9 @@ class TrainConfig:
         loss_chunk_size (int): tokens per chunk of the chunked cross-entropy; 0 computes
             the plain loss over full fp32 logits. Default 1024.
         device (str): "auto" (CUDA when available), "cuda" or "cpu". Default "auto".
+        distributed (str | None): with several processes (torchrun): "ddp" (every rank holds
+            the 4-bit base, adapter gradients summed) or "fsdp" (base and adapters sharded).
+            Default None (ddp when there is more than one process; ignored with one).
     """
 
     seed: int = 42
@@ -215,6 +218,7 @@ class TrainConfig:
     keep_last: int = 2
     loss_chunk_size: int = 1024
     device: str = "auto"
+    distributed: str | None = None
 
     def __post_init__(self):
         _check_positive("train.epochs", self.epochs)
@@ -236,6 +240,8 @@ class TrainConfig:
         _check_positive("train.keep_last", self.keep_last)
         _check_nonnegative("train.loss_chunk_size", self.loss_chunk_size)
         _check_choice("train.device", self.device, ("auto", "cuda", "cpu"))
+        if self.distributed is not None:
+            _check_choice("train.distributed", self.distributed, ("ddp", "fsdp"))
 
 
 OPTIMIZERS = ("paged_adamw_8bit", "paged_adamw_32bit", "adamw_8bit", "adamw")
