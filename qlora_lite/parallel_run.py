@@ -20,9 +20,13 @@ from .distributed import World
 from .lora import lora_parameters, lora_state_dict
 
 
-def prepare_parallel(model, world: World, seed: int) -> None:
+def prepare_parallel(model, world: World, seed: int, optimizer: str) -> None:
     """Make every rank start from rank 0's adapters, give each rank its own dropout stream,
     and shard the model under FSDP."""
+    if world.strategy == "fsdp":
+        from .fsdp import check_fsdp_optimizer
+
+        check_fsdp_optimizer(optimizer)
     for p in lora_parameters(model):
         dist.broadcast(p.data, src=0)  # what DDP does at construction; the inits already agree
     torch.manual_seed(seed + world.rank)

@@ -184,7 +184,7 @@ def setup_run(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> 
     if world.main:
         print(trainable_summary(model))
     if world.parallel:
-        prepare_parallel(model, world, t.seed)
+        prepare_parallel(model, world, t.seed, t.optimizer)
     params = lora_parameters(model)
     optimizer = build_optimizer(t.optimizer, params, t.lr, t.weight_decay)
     steps_per_epoch = max(1, len(plan_epoch(train_set, cfg, 0)) // t.grad_accum)
