@@ -93,7 +93,14 @@ def load_checkpoint(path: str | Path, model, optimizer, scheduler, scaler=None) 
     """
     path = Path(path)
     load_adapter(model, path / "adapter")
-    optimizer.load_state_dict(_load(path / "optimizer.pt"))
+    optim = _load(path / "optimizer.pt")
+    if any(isinstance(k, str) for k in optim["state"]):
+        # Written by an FSDP run: keyed by parameter name, tensors whole (fsdp.full_optimizer_state).
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(model, optimizer, optim, options=StateDictOptions(full_state_dict=True))
+    else:
+        optimizer.load_state_dict(optim)
     restore_paged_state(optimizer)
     scheduler.load_state_dict(_load(path / "scheduler.pt"))
     if scaler is not None and (path / "scaler.pt").is_file():

@@ -74,6 +74,9 @@ class Settings:
         grad_accum (int): > 1 keeps gradients alive through the next forward; 1 frees
             them after each step. Default 16.
         device (str): "cuda" (bool dropout masks) or "cpu" (masks in bf16). Default "cuda".
+        gpus (int): data-parallel processes; the estimate is per GPU (the largest rank). Default 1.
+        strategy (str): "ddp" (every GPU holds everything) or "fsdp" (base, adapters,
+            gradients and optimizer state sharded; see estimate_parallel). Default "ddp".
     """
 
     seq_len: int = 2048
@@ -84,6 +87,8 @@ class Settings:
     loss_chunk_size: int = 1024
     grad_accum: int = 16
     device: str = "cuda"
+    gpus: int = 1
+    strategy: str = "ddp"
 
 
 def load_arch(model: str) -> Arch:

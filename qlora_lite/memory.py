@@ -118,6 +118,8 @@ class MemoryTracker(TorchDispatchMode):
     def _track(self, t: torch.Tensor) -> int | None:
         if not isinstance(t, torch.Tensor) or t.device.type == "meta":
             return None
+        # A DTensor (FSDP's shards) is a wrapper without storage: its memory is its local shard.
+        t = getattr(t, "_local_tensor", t)
         st = t.untyped_storage()
         nbytes = st.nbytes()
         key = id(st)

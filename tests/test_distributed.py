@@ -146,3 +146,64 @@ def test_a_non_finite_loss_stops_every_rank_with_one_error(data_file, tmp_path):
     assert code != 0
     assert out.count("error: loss is") == 1 and "at step" in out, out
     assert not (tmp_path / "r/adapter").exists()
+
+
+# ---------------------------------------------------------------- FSDP
+
+
+def fsdp_recipe(data_file, out, **train):
+    r = small(data_file, out, optimizer="adamw", distributed="fsdp", **train)
+    r.lora.dropout = 0.0
+    return r
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(data_file, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("fsdp")
+    code, out = launch(tmp, fsdp_recipe(data_file, tmp / "two"))
+    assert code == 0, out
+    return tmp
+
+
+def test_fsdp_two_processes_train_what_one_process_with_twice_the_accumulation_trains(fsdp_run, data_file):
+    train(fsdp_recipe(data_file, fsdp_run / "one", grad_accum=2))
+    assert_same_run(fsdp_run / "two", fsdp_run / "one", steps=[1, 2, 3, 4])
+    assert json.loads((fsdp_run / "two/summary.json").read_text())["distributed"] == "fsdp"
+
+
+def test_the_fsdp_adapter_loads_in_peft_and_gives_our_logits(fsdp_run):
+    import peft
+    from transformers import AutoModelForCausalLM
+
+    from qlora_lite.adapter import load_adapter
+    from qlora_lite.lora import attach_lora
+    from qlora_lite.model import bnb_config, load_model, resolve_model_path
+    from qlora_lite.recipe import LoraConfig, ModelConfig, QuantizationConfig
+
+    path = resolve_model_path("qlora-lite:tiny-llama")
+    ours = load_model(ModelConfig(name_or_path=path))
+    attach_lora(ours, LoraConfig(r=8, alpha=16, dropout=0.0))
+    load_adapter(ours, fsdp_run / "two/adapter")
+    base = AutoModelForCausalLM.from_pretrained(path, quantization_config=bnb_config(QuantizationConfig()),
+                                                device_map="cpu", dtype=torch.bfloat16)
+    pm = peft.PeftModel.from_pretrained(base, fsdp_run / "two/adapter").to(torch.bfloat16)
+    x = torch.randint(3, 1000, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b = ours(x).logits.float(), pm(input_ids=x).logits.float()
+    assert (a - b).abs().max().item() < 1e-2 * a.abs().max().item()
+    trained = adapters(fsdp_run / "two")
+    assert any(v.abs().max() > 0 for k, v in trained.items() if "lora_B" in k)  # it did train
+
+
+def test_an_fsdp_run_resumes_on_two_and_on_one_process(fsdp_run, data_file):
+    for name, nproc, accum in (("again-two", 2, 1), ("again-one", 1, 2)):
+        shutil.copytree(fsdp_run / "two", fsdp_run / name)
+        shutil.rmtree(fsdp_run / name / "checkpoints/step-4")
+        shutil.rmtree(fsdp_run / name / "adapter")
+        recipe = fsdp_recipe(data_file, fsdp_run / name, grad_accum=accum)
+        if nproc == 2:
+            code, out = launch(fsdp_run, recipe, "--resume")
+            assert code == 0 and "resumed from" in out, out
+        else:
+            train(recipe, resume=True)
+        assert_same_run(fsdp_run / "two", fsdp_run / name, steps=[1, 2, 3, 4])
