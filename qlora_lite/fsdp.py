@@ -69,9 +69,10 @@ def shard_model(model, world: World) -> None:
     """fully_shard each decoder layer, then the decoder (embeddings, final norm), on a 1-D mesh
     of all ranks; gradients summed, not averaged.
 
-    The output head stays whole on every rank: the chunked loss (loss.py) multiplies by its
-    weight directly rather than calling the module, so FSDP's hooks would never gather it.
-    A head tied to the embeddings stays whole for the same reason."""
+    The output head is sharded in one unit with the final norm: the chunked loss (loss.py)
+    multiplies by the head's weight directly instead of calling the module, so the head is
+    gathered by the norm's forward and kept gathered until the norm's backward, which
+    brackets every use the loss makes of it. A head tied to the embeddings stays whole."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
@@ -81,9 +82,13 @@ def shard_model(model, world: World) -> None:
     layers = getattr(model.get_decoder(), "layers", None)
     if layers is None:
         raise QloraError(f"train.distributed: fsdp needs a decoder with `.layers`; {type(model).__name__} has none.")
-    head = model.get_output_embeddings().weight
+    head, decoder = model.get_output_embeddings(), model.get_decoder()
     units = [fully_shard(layer, mesh=mesh) for layer in layers]
-    units.append(fully_shard(model.get_decoder(), mesh=mesh, ignored_params={head}))
+    tied = head.weight is model.get_input_embeddings().weight
+    if not tied and isinstance(getattr(decoder, "norm", None), torch.nn.Module):
+        fully_shard([decoder.norm, head], mesh=mesh, reshard_after_forward=False)
+        units.append(decoder.norm)  # the unit's handle (a list of modules returns the list)
+    units.append(fully_shard(decoder, mesh=mesh, ignored_params={head.weight} if tied else None))
     for unit in units:
         unit.set_gradient_divide_factor(1.0)
         unit.set_force_sum_reduction_for_comms(True)
