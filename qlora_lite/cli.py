@@ -133,21 +133,31 @@ def profile(recipe, modes, steps, seq_len, batch_size, out_dir, overrides, memor
 @click.option("--seq-len", default=2048, show_default=True, type=click.IntRange(min=2))
 @click.option("--batch-size", default=1, show_default=True, type=click.IntRange(min=1))
 @click.option("--lora-r", default=16, show_default=True, type=click.IntRange(min=1))
-@click.option("--optimizer", default="paged_adamw_8bit", show_default=True,
-              type=click.Choice(["paged_adamw_8bit", "paged_adamw_32bit", "adamw_8bit", "adamw"]))
+@click.option("--optimizer", default=None, type=click.Choice(["paged_adamw_8bit", "paged_adamw_32bit", "adamw_8bit", "adamw"]),
+              help="[paged_adamw_8bit; adamw with --strategy fsdp, the one it runs]")
 @click.option("--loss-chunk-size", default=1024, show_default=True, type=click.IntRange(min=0))
 @click.option("--grad-accum", default=16, show_default=True, type=click.IntRange(min=1))
 @click.option("--gpu-mem", default=None, help="Card memory, e.g. 24GB: says what fits.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-def estimate(model, seq_len, batch_size, lora_r, optimizer, loss_chunk_size, grad_accum, gpu_mem, as_json):
+@click.option("--gpus", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Data-parallel GPUs; the prediction is per GPU.")
+@click.option("--strategy", default="ddp", show_default=True, type=click.Choice(["ddp", "fsdp"]),
+              help="ddp: every GPU holds the whole model; fsdp: weights, adapters and optimizer state sharded.")
+def estimate(model, seq_len, batch_size, lora_r, optimizer, loss_chunk_size, grad_accum, gpu_mem, as_json, gpus,
+             strategy):
     """Predict peak memory per mode for MODEL (a shipped name such as llama-2-7b, a folder,
     a config.json, or a Hub id) from its architecture alone."""
     import json as _json
 
     from .estimate import Settings, estimate as run_estimate, format_table, parse_size
 
+    if strategy == "fsdp" and gpus > 1:
+        from .fsdp import check_fsdp_optimizer
+
+        check_fsdp_optimizer(optimizer or "adamw")
+    optimizer = optimizer or ("adamw" if strategy == "fsdp" and gpus > 1 else "paged_adamw_8bit")
     s = Settings(seq_len=seq_len, batch_size=batch_size, lora_r=lora_r, optimizer=optimizer,
-                 loss_chunk_size=loss_chunk_size, grad_accum=grad_accum)
+                 loss_chunk_size=loss_chunk_size, grad_accum=grad_accum, gpus=gpus, strategy=strategy)
     result = run_estimate(model, s, parse_size(gpu_mem) if gpu_mem else None)
     click.echo(_json.dumps(result, indent=2) if as_json else format_table(result))
 

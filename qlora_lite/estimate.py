@@ -250,7 +250,12 @@ def estimate_mode(a: Arch, s: Settings, mode: str) -> dict:
         b["gradients"], b["temporaries"] = temp, 0
     else:
         b["gradients"] = grads
-    return {"bytes": b, "total": sum(b.values()), "phase": phase}
+    single = {"bytes": b, "total": sum(b.values()), "phase": phase}
+    if s.gpus > 1:  # per GPU of a data-parallel run
+        from .estimate_parallel import per_gpu
+
+        return per_gpu(a, s, mode, single)
+    return single
 
 
 def fits(total: int, gpu_mem: float) -> bool:
@@ -306,7 +311,8 @@ def format_table(result: dict) -> str:
     modes = list(result["modes"])
     s = result["settings"]
     lines = [f"{result['model']}: seq {s['seq_len']}, batch {s['batch_size']}, LoRA r={s['lora_r']} all-linear, "
-             f"{s['optimizer']}, loss chunk {s['loss_chunk_size']}, gradient checkpointing", "",
+             f"{s['optimizer']}, loss chunk {s['loss_chunk_size']}, gradient checkpointing"
+             + (f"; per GPU of {s['gpus']} ({s['strategy']})" if s.get("gpus", 1) > 1 else ""), "",
              "| | " + " | ".join(modes) + " |", "|---|" + "---:|" * len(modes)]
     for c in CATEGORIES:
         lines.append(f"| {LABELS[c]} | " + " | ".join(gib(result["modes"][m]["bytes"][c]) for m in modes) + " |")
