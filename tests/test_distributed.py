@@ -207,3 +207,32 @@ def test_an_fsdp_run_resumes_on_two_and_on_one_process(fsdp_run, data_file):
         else:
             train(recipe, resume=True)
         assert_same_run(fsdp_run / "two", fsdp_run / name, steps=[1, 2, 3, 4])
+
+
+def test_fsdp_rank_memory_is_half_the_base_and_matches_the_estimate(tmp_path):
+    """Each of 2 FSDP ranks holds ~1/2 of the base; the per-GPU estimate is within 10% of the
+    largest rank's measured peak (the MemoryTracker on each rank)."""
+    from qlora_lite.distributed import World
+    from qlora_lite.parallel_memory import measure_rank
+    from qlora_lite.recipe import recipe_from_dict
+
+    raw = {"model": {"name_or_path": "qlora-lite:tiny-llama", "gradient_checkpointing": True},
+           "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
+           "train": {"optimizer": "adamw", "grad_accum": 2, "loss_chunk_size": 1024}}
+    import yaml
+
+    (tmp_path / "m.yaml").write_text(yaml.safe_dump(raw))
+    single = measure_rank(recipe_from_dict(raw), World(), seq_len=64)["peak"]
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                        str(REPO / "tools/measure_parallel_memory.py"), str(tmp_path / "m.yaml"), "--strategy", "fsdp",
+                        "--seq-len", "64", "--out", str(tmp_path / "out")],
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout + p.stderr
+    got = json.loads((tmp_path / "out/memory.json").read_text())
+    for r in got["ranks"]:
+        share = r["peak"]["bytes"]["base_weights"] / single["bytes"]["base_weights"]
+        assert 0.5 <= share < 0.53, share  # 1/2, plus the quant constants every rank keeps whole
+        for c in ("base_weights", "lora_params", "optimizer_state"):
+            assert r["peak"]["bytes"][c] == got["estimate"]["bytes"][c], c
+    assert abs(got["estimate_error"]) <= 0.10, got["estimate_error"]
