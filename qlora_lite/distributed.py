@@ -198,6 +198,15 @@ def main_first(world: World, fn, others: bool = True):
     return result
 
 
+def peer_lost(error: Exception) -> str:
+    """What to tell the user when a collective fails: which rank we are and where to look."""
+    rank, size, _ = world_from_env()
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return (f"rank {rank} of {size} lost contact with the other ranks ({first}); another rank stopped, was "
+            f"killed or hung for QLORA_LITE_DIST_TIMEOUT seconds (default {DEFAULT_TIMEOUT_S}); its own "
+            "error is in the output above. Resume with --resume from the last checkpoint.")
+
+
 def merge_peaks(world: World, record: dict) -> dict:
     """`record`'s peak_* fields replaced by the largest rank's, plus peak_rank (which rank)."""
     if not world.parallel:

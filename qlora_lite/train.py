@@ -24,8 +24,8 @@ from .attention import use_packed_attention
 from .batching import collate, plan_batches
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .data import build_datasets
-from .distributed import (World, check_global_batch, close_world, init_world, main_first, merge_peaks, step_sync,
-                          world_is_main)
+from .distributed import (World, check_global_batch, close_world, init_world, main_first, merge_peaks, peer_lost,
+                          step_sync, world_is_main)
 from .errors import QloraError
 from .lora import attach_lora, lora_parameters, trainable_summary
 from .loss import IGNORE_INDEX, causal_lm_loss
@@ -113,6 +113,9 @@ def run_recipe(recipe: Recipe, resume: bool = False, overwrite: bool = False, de
         return EXIT_INTERRUPTED
     except NonFiniteLoss as e:  # every rank raised it; one says so
         print(f"error: {e}", file=sys.stderr) if main else None
+        return 1
+    except torch.distributed.DistError as e:  # a collective failed: another rank died or hung
+        print(f"error: {peer_lost(e)}", file=sys.stderr)
         return 1
     if not main:
         return 0
