@@ -184,7 +184,12 @@ class MemoryTracker(TorchDispatchMode):
         if isinstance(p, torch.nn.Parameter) and p.is_leaf:
             self._grad_params.add(p)
             me = weakref.ref(self)
-            p.register_post_accumulate_grad_hook(lambda q: me() is not None and me()._mark(q.grad, "gradients"))
+
+            def mark_grad(q):
+                if me() is not None:  # hooks outlive a finished tracker
+                    me()._mark(q.grad, "gradients")
+
+            p.register_post_accumulate_grad_hook(mark_grad)
 
     def watch_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         """Mark the optimizer's state tensors (bnb paged buffers included) after each step."""
