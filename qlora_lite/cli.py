@@ -44,6 +44,11 @@ def run(recipe, overrides, resume, overwrite, demo, nproc):
     if nproc > 1:
         from .distributed import launch
 
+        if cfg.train.distributed == "fsdp":  # refuse here once, not in every rank
+            from .fsdp import check_fsdp_optimizer
+
+            check_fsdp_optimizer(cfg.train.optimizer)
+
         args = [recipe, *(a for o in overrides for a in ("--set", o)), *(["--resume"] if resume else []),
                 *(["--overwrite"] if overwrite else []), *(["--demo"] if demo else [])]
         sys.exit(launch(nproc, ["run", *args]))
