@@ -190,7 +190,7 @@ def setup_run(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> 
         prepare_parallel(model, world, t.seed, t.optimizer)
     params = lora_parameters(model)
     optimizer = build_optimizer(t.optimizer, params, t.lr, t.weight_decay)
-    steps_per_epoch = max(1, len(plan_epoch(train_set, cfg, 0)) // t.grad_accum)
+    steps_per_epoch = max(1, len(plan_epoch(train_set, cfg, 0)) // (t.grad_accum * world.size))  # global steps
     total_steps = t.max_steps or t.epochs * steps_per_epoch
     scheduler = build_scheduler(optimizer, t.lr_scheduler, t.warmup_steps, total_steps)
     run = Run(recipe, run_dir, device, model, tokenizer, train_set, eval_set, params, optimizer, scheduler,
