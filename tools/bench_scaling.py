@@ -68,6 +68,8 @@ def main(argv=None) -> int:
         for _ in range(args.repeats):
             for nproc in (1, 2):
                 runs.append(run_once(args.data, args.rows, args.model, nproc, Path(tmp)))
+    if len({(r["tokens"], r["steps"]) for r in runs}) != 1:  # the claim: the same samples on both sides
+        raise SystemExit(f"1 and 2 processes trained different tokens or steps: {runs}")
     tps = {n: statistics.median(r["tokens_per_s"] for r in runs if r["nproc"] == n) for n in (1, 2)}
     result = {"rows": args.rows, "model": args.model, "cpus": os.cpu_count(),
               "load_average": os.getloadavg(), "runs": runs, "tokens_per_s": tps,
