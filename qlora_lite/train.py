@@ -339,7 +339,7 @@ RESUMABLE_CHANGES = {"train.max_steps", "train.epochs", "train.log_every", "trai
                      "output.dir",  # a run folder may be moved
                      # Another world size: grad_accum may change with it as long as the global
                      # batch stays (distributed.check_global_batch).
-                     "train.grad_accum", "train.distributed"}
+                     "train.grad_accum"}
 
 
 def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool = False) -> None:
