@@ -71,7 +71,8 @@ def adapter_config_dict(cfg: LoraConfig, targets: list[str], base_model_name_or_
     }
 
 
-def save_adapter(model, out_dir: str | Path, cfg: LoraConfig, base_model_name_or_path: str) -> int:
+def save_adapter(model, out_dir: str | Path, cfg: LoraConfig, base_model_name_or_path: str,
+                 state: dict | None = None) -> int:
     """Write the adapter (atomically, file by file). Returns the weights file size in bytes.
 
     Args:
@@ -79,9 +80,12 @@ def save_adapter(model, out_dir: str | Path, cfg: LoraConfig, base_model_name_or
         out_dir (str | Path): folder to write into (created).
         cfg (LoraConfig): the adapter hyperparameters.
         base_model_name_or_path (str): recorded for loaders.
+        state (dict | None): the adapter tensors, gathered when the model holds shards (FSDP).
+            Default None: lora_state_dict(model).
     """
     out = Path(out_dir)
-    tensors = {PEFT_PREFIX + k: v.contiguous().cpu() for k, v in lora_state_dict(model).items()}
+    state = lora_state_dict(model) if state is None else state
+    tensors = {PEFT_PREFIX + k: v.contiguous().cpu() for k, v in state.items()}
     if not tensors:
         raise QloraError("The model has no LoRA layers to save.")
     blob = save(tensors, metadata={"format": "pt"})

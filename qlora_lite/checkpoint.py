@@ -45,7 +45,8 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 
 
 def save_checkpoint(run_dir: str | Path, model, lora_cfg: LoraConfig, base_name: str, optimizer, scheduler,
-                    state: dict, keep_last: int, scaler=None) -> Path:
+                    state: dict, keep_last: int, scaler=None, adapter_state: dict | None = None,
+                    optimizer_state: dict | None = None, rank_rng: list | None = None) -> Path:
     """Write checkpoints/step-<state['step']> atomically, then drop all but the newest `keep_last`.
 
     Args:
@@ -57,18 +58,24 @@ def save_checkpoint(run_dir: str | Path, model, lora_cfg: LoraConfig, base_name:
         state (dict): JSON-able trainer state; must hold "step".
         keep_last (int): checkpoints to keep.
         scaler (torch.amp.GradScaler | None): saved when training in fp16. Default None.
+        adapter_state (dict | None): full adapter tensors when the model holds shards (FSDP).
+            Default None: the model's own.
+        optimizer_state (dict | None): the state to save (FSDP's gathered one). Default None:
+            optimizer.state_dict().
+        rank_rng (list | None): every data-parallel rank's torch RNG state. Default None.
     """
     final = Path(run_dir) / "checkpoints" / f"step-{state['step']}"
     remove_partial_checkpoints(run_dir)
     try:
         with atomic_dir(final, overwrite=True) as tmp:
-            save_adapter(model, tmp / "adapter", lora_cfg, base_name)
-            rng = {"torch": torch.get_rng_state()}
+            save_adapter(model, tmp / "adapter", lora_cfg, base_name, state=adapter_state)
+            rng = {"torch": torch.get_rng_state(), **({"ranks": rank_rng} if rank_rng is not None else {})}
             if torch.cuda.is_available():
                 rng["cuda"] = torch.cuda.get_rng_state_all()
             # Every file fsynced before the rename, so a power cut cannot leave an empty newest
             # checkpoint after the older ones were pruned.
-            files = [("optimizer.pt", optimizer.state_dict()), ("scheduler.pt", scheduler.state_dict()),
+            optim = optimizer_state if optimizer_state is not None else optimizer.state_dict()
+            files = [("optimizer.pt", optim), ("scheduler.pt", scheduler.state_dict()),
                      ("rng.pt", rng)] + ([("scaler.pt", scaler.state_dict())] if scaler is not None else [])
             for name, obj in files:
                 buf = io.BytesIO()
@@ -110,7 +117,15 @@ def load_checkpoint(path: str | Path, model, optimizer, scheduler, scaler=None) 
     fix = (f"delete {str(path)!r} to resume from the checkpoint before it, or start over with --overwrite")
     load_adapter(model, path / "adapter", fix=fix)
     # torch_load uses weights_only: a checkpoint folder is data, never code.
-    targets = [("optimizer.pt", optimizer), ("scheduler.pt", scheduler)]
+    optim = torch_load(path / "optimizer.pt", fix, map_location="cpu")
+    if isinstance(optim, dict) and any(isinstance(k, str) for k in optim.get("state", {})):
+        # Written by an FSDP run: keyed by parameter name, tensors whole (fsdp.full_optimizer_state).
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(model, optimizer, optim, options=StateDictOptions(full_state_dict=True))
+    else:
+        _apply_state(path / "optimizer.pt", optim, optimizer, fix)
+    targets = [("scheduler.pt", scheduler)]
     if scaler is not None and (path / "scaler.pt").is_file():
         targets.append(("scaler.pt", scaler))
     for name, target in targets:
@@ -137,7 +152,10 @@ def load_checkpoint(path: str | Path, model, optimizer, scheduler, scaler=None) 
 
 def _load_state(file: Path, target, fix: str) -> None:
     """load_state_dict from a torch file; a file of another kind is named, not a KeyError."""
-    sd = torch_load(file, fix, map_location="cpu")
+    _apply_state(file, torch_load(file, fix, map_location="cpu"), target, fix)
+
+
+def _apply_state(file: Path, sd, target, fix: str) -> None:
     try:
         target.load_state_dict(sd)
     except (KeyError, ValueError, TypeError, AttributeError, RuntimeError) as e:

@@ -41,14 +41,29 @@ def main():
 @click.option("--resume", is_flag=True, help="Continue from the newest complete checkpoint in the run folder.")
 @click.option("--overwrite", is_flag=True, help="Delete a previous run in output.dir and start fresh.")
 @click.option("--demo", is_flag=True, help="Also show eval loss and a generation before vs after training.")
-def run(recipe, overrides, resume, overwrite, demo):
+@click.option("--nproc", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Processes on this machine (one per GPU): starts torchrun with train.distributed.")
+def run(recipe, overrides, resume, overwrite, demo, nproc):
     """Fine-tune with RECIPE (a YAML file)."""
     from .recipe import load_recipe
-    from .train import run_recipe
 
     if resume and overwrite:
         raise click.UsageError("--resume and --overwrite exclude each other.")
-    sys.exit(run_recipe(load_recipe(recipe, overrides), resume=resume, overwrite=overwrite, demo=demo))
+    cfg = load_recipe(recipe, overrides)  # a bad recipe fails here, once, not in every rank
+    if nproc > 1:
+        from .distributed import launch
+
+        if cfg.train.distributed == "fsdp":  # refuse here once, not in every rank
+            from .fsdp import check_fsdp_optimizer
+
+            check_fsdp_optimizer(cfg.train.optimizer)
+
+        args = [recipe, *(a for o in overrides for a in ("--set", o)), *(["--resume"] if resume else []),
+                *(["--overwrite"] if overwrite else []), *(["--demo"] if demo else [])]
+        sys.exit(launch(nproc, ["run", *args]))
+    from .train import run_recipe
+
+    sys.exit(run_recipe(cfg, resume=resume, overwrite=overwrite, demo=demo))
 
 
 @main.command()
@@ -140,8 +155,8 @@ def profile(recipe, modes, steps, seq_len, batch_size, out_dir, overrides, memor
 @click.option("--seq-len", default=2048, show_default=True, type=click.IntRange(min=2))
 @click.option("--batch-size", default=1, show_default=True, type=click.IntRange(min=1))
 @click.option("--lora-r", default=16, show_default=True, type=click.IntRange(min=1))
-@click.option("--optimizer", default="paged_adamw_8bit", show_default=True,
-              type=click.Choice(["paged_adamw_8bit", "paged_adamw_32bit", "adamw_8bit", "adamw"]))
+@click.option("--optimizer", default=None, type=click.Choice(["paged_adamw_8bit", "paged_adamw_32bit", "adamw_8bit", "adamw"]),
+              help="[paged_adamw_8bit; adamw with --strategy fsdp, the one it runs]")
 @click.option("--loss-chunk-size", default=1024, show_default=True, type=click.IntRange(min=0))
 @click.option("--grad-accum", default=16, show_default=True, type=click.IntRange(min=1))
 @click.option("--lora-dtype", default="bfloat16", show_default=True, type=click.Choice(["bfloat16", "float32"]),
@@ -150,16 +165,26 @@ def profile(recipe, modes, steps, seq_len, batch_size, out_dir, overrides, memor
               help="Card memory, says what fits: GiB = 2^30 bytes, GB = 1e9 (a 24 GB RTX 3090/4090 is 24GiB).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @click.option("--dora", is_flag=True, help="DoRA adapters (lora.use_dora): magnitudes and DoRA's saved tensors.")
+@click.option("--gpus", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Data-parallel GPUs; the prediction is per GPU.")
+@click.option("--strategy", default="ddp", show_default=True, type=click.Choice(["ddp", "fsdp"]),
+              help="ddp: every GPU holds the whole model; fsdp: weights, adapters and optimizer state sharded.")
 def estimate(model, seq_len, batch_size, lora_r, optimizer, loss_chunk_size, grad_accum, lora_dtype, gpu_mem,
-             as_json, dora):
+             as_json, dora, gpus, strategy):
     """Predict peak memory per mode for MODEL (a shipped name such as llama-2-7b, a folder,
     a config.json, or a Hub id) from its architecture alone."""
     import json as _json
 
     from .estimate import Settings, estimate as run_estimate, format_table, gpu_mem_bytes
 
+    if strategy == "fsdp" and gpus > 1:
+        from .fsdp import check_fsdp_optimizer
+
+        check_fsdp_optimizer(optimizer or "adamw")
+    optimizer = optimizer or ("adamw" if strategy == "fsdp" and gpus > 1 else "paged_adamw_8bit")
     s = Settings(seq_len=seq_len, batch_size=batch_size, lora_r=lora_r, optimizer=optimizer,
-                 loss_chunk_size=loss_chunk_size, grad_accum=grad_accum, lora_dtype=lora_dtype, dora=dora)
+                 loss_chunk_size=loss_chunk_size, grad_accum=grad_accum, lora_dtype=lora_dtype, dora=dora,
+                 gpus=gpus, strategy=strategy)
     result = run_estimate(model, s, gpu_mem_bytes(gpu_mem) if gpu_mem else None)
     click.echo(_json.dumps(result, indent=2) if as_json else format_table(result))
 

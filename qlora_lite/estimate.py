@@ -79,6 +79,9 @@ class Settings:
         lora_dtype (str): lora.dtype, "bfloat16" or "float32" (2x adapter and gradient bytes;
             on CPU, without autocast, the adapter path runs in fp32 too). Default "bfloat16".
         dora (bool): lora.use_dora: a magnitude vector per linear and DoRA's saved tensors. Default False.
+        gpus (int): data-parallel processes; the estimate is per GPU (the largest rank). Default 1.
+        strategy (str): "ddp" (every GPU holds everything) or "fsdp" (base, adapters,
+            gradients and optimizer state sharded; see estimate_parallel). Default "ddp".
     """
 
     seq_len: int = 2048
@@ -91,6 +94,8 @@ class Settings:
     device: str = "cuda"
     lora_dtype: str = "bfloat16"
     dora: bool = False
+    gpus: int = 1
+    strategy: str = "ddp"
 
     def __post_init__(self):
         if self.lora_dtype not in LORA_DTYPES:
@@ -304,7 +309,12 @@ def estimate_mode(a: Arch, s: Settings, mode: str) -> dict:
         b["gradients"], b["temporaries"] = temp, 0
     else:
         b["gradients"] = grads
-    return {"bytes": b, "total": sum(b.values()), "phase": phase}
+    single = {"bytes": b, "total": sum(b.values()), "phase": phase}
+    if s.gpus > 1:  # per GPU of a data-parallel run
+        from .estimate_parallel import per_gpu
+
+        return per_gpu(a, s, mode, single)
+    return single
 
 
 def fits(total: int, gpu_mem: float) -> bool:
@@ -352,7 +362,8 @@ def format_table(result: dict) -> str:
     s = result["settings"]
     lines = [f"{result['model']}: seq {s['seq_len']}, batch {s['batch_size']}, {'DoRA' if s.get('dora') else 'LoRA'} r={s['lora_r']} all-linear "
              f"({s.get('lora_dtype', 'bfloat16')}), "
-             f"{s['optimizer']}, loss chunk {s['loss_chunk_size']}, gradient checkpointing", "",
+             f"{s['optimizer']}, loss chunk {s['loss_chunk_size']}, gradient checkpointing"
+             + (f"; per GPU of {s['gpus']} ({s['strategy']})" if s.get("gpus", 1) > 1 else ""), "",
              "| | " + " | ".join(modes) + " |", "|---|" + "---:|" * len(modes)]
     for c in CATEGORIES:
         lines.append(f"| {LABELS[c]} | " + " | ".join(gib(result["modes"][m]["bytes"][c]) for m in modes) + " |")

@@ -120,6 +120,8 @@ class MemoryTracker(TorchDispatchMode):
     def _track(self, t: torch.Tensor) -> int | None:
         if not isinstance(t, torch.Tensor) or t.device.type == "meta":
             return None
+        # A DTensor (FSDP's shards) is a wrapper without storage: its memory is its local shard.
+        t = getattr(t, "_local_tensor", t)
         st = t.untyped_storage()
         nbytes = st.nbytes()
         key = id(st)
@@ -139,11 +141,23 @@ class MemoryTracker(TorchDispatchMode):
         elif self._live[serial] != nbytes:  # resized in place (out= ops)
             self.total += nbytes - self._live[serial]
             self._live[serial] = nbytes
+        self._note_peak()
+        return serial
+
+    def _storage_resized(self, storage) -> None:
+        """A tracked storage changed size outside any op: FSDP frees a layer's gathered weights
+        with UntypedStorage.resize_(0) after use and re-grows them for the next gather."""
+        serial = self._serial_of.get(id(storage))
+        if serial is not None:
+            self.total += storage.nbytes() - self._live[serial]
+            self._live[serial] = storage.nbytes()
+            self._note_peak()
+
+    def _note_peak(self) -> None:
         if self.total > self.peak:
             self.peak = self.total
             self._peak_live = dict(self._live)
             self._peak_where = (self.phase, self.step)
-        return serial
 
     def _free(self, key: int, serial: int) -> None:
         if self._serial_of.get(key) == serial:
@@ -248,12 +262,23 @@ class MemoryTracker(TorchDispatchMode):
     def __enter__(self):
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
         self._hooks.__enter__()
+        self._resize = torch.UntypedStorage.resize_
+        me, resize = weakref.ref(self), self._resize
+
+        def resize_(storage, size):
+            out = resize(storage, size)
+            if me() is not None:
+                me()._storage_resized(storage)
+            return out
+
+        torch.UntypedStorage.resize_ = resize_  # storage resizes bypass dispatch; see _storage_resized
         return super().__enter__()
 
     def __exit__(self, *exc):
         try:
             return super().__exit__(*exc)
         finally:
+            torch.UntypedStorage.resize_ = self._resize
             self._hooks.__exit__(*exc)
             self._hooks = None
 

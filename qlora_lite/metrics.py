@@ -79,8 +79,8 @@ class MetricsLog:
     """metrics.jsonl, appended and flushed record by record, echoed through `write` (a tqdm bar's)
     and sent to the run's experiment trackers (`tracker`, qlora_lite/tracking.py) when given."""
 
-    def __init__(self, path: Path, write=print, tracker=None):
-        self.file = open(path, "a")
+    def __init__(self, path: Path | None, write=print, tracker=None):
+        self.file = open(path, "a") if path is not None else None  # None: a rank that does not write
         self.write = write
         self.tracker = tracker
 
@@ -95,13 +95,15 @@ class MetricsLog:
         return loss
 
     def _append(self, record: dict) -> None:
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
+        if self.file is not None:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
         if self.tracker is not None:
             self.tracker.log(record)
 
     def close(self) -> None:
-        self.file.close()
+        if self.file is not None:
+            self.file.close()
 
 
 def truncate_metrics(path: Path, step: int) -> None:

@@ -208,6 +208,9 @@ class TrainConfig:
         device (str): "auto" (CUDA when available), "cuda" or "cpu". Default "auto".
         report_to (list[str]): experiment trackers that also get the metrics, each an extra:
             "tensorboard", "wandb", "mlflow" (qlora_lite/tracking.py). Default [] (metrics.jsonl only).
+        distributed (str | None): with several processes (torchrun): "ddp" (every rank holds
+            the 4-bit base, adapter gradients summed) or "fsdp" (base and adapters sharded).
+            Default None (ddp when there is more than one process; ignored with one).
     """
 
     seed: int = 42
@@ -229,6 +232,7 @@ class TrainConfig:
     loss_chunk_size: int = 1024
     device: str = "auto"
     report_to: Any = field(default_factory=list)
+    distributed: str | None = None
 
     def __post_init__(self):
         _check_positive("train.epochs", self.epochs)
@@ -258,6 +262,8 @@ class TrainConfig:
             raise RecipeError(f"train.report_to must be a list of {', '.join(TRACKERS)}, got {self.report_to!r}.")
         for name in self.report_to:
             _check_choice("train.report_to entry", name, TRACKERS)
+        if self.distributed is not None:
+            _check_choice("train.distributed", self.distributed, ("ddp", "fsdp"))
 
 
 OPTIMIZERS = ("paged_adamw_8bit", "paged_adamw_32bit", "adamw_8bit", "adamw")

@@ -73,7 +73,8 @@ def to_device(batch: dict, device: str) -> dict:
 
 def train_step(model, batches: list[dict], params: list[torch.Tensor], optimizer, *, device: str,
                max_grad_norm: float, loss_chunk_size: int, autocast=None, scaler=None,
-               normalizer: int | None = None, phase: Callable[[str], None] = _no_phase) -> StepResult:
+               normalizer: int | None = None, sync: Callable | None = None,
+               phase: Callable[[str], None] = _no_phase) -> StepResult:
     """Forward and backward every micro-batch, then clip and step the optimizer.
 
     The loss is normalised by the trained tokens of the whole step, not per micro-batch, so
@@ -92,6 +93,9 @@ def train_step(model, batches: list[dict], params: list[torch.Tensor], optimizer
         scaler (torch.amp.GradScaler | None): fp16 loss scaling. Default None.
         normalizer (int | None): trained tokens the loss is divided by. Default: those of
             `batches` (a data-parallel run passes the count of the global step).
+        sync (callable | None): called with the step's local loss sum after the backward
+            passes; sums gradients and loss over data-parallel ranks and returns the global
+            loss sum (distributed.step_sync). Default None (one process).
         phase (callable): called with "forward", "backward", "optimizer" as the step
             proceeds (the memory tracker's phases). Default: nothing.
     """
@@ -109,6 +113,9 @@ def train_step(model, batches: list[dict], params: list[torch.Tensor], optimizer
         step_loss += loss_sum.detach()
         del loss_sum, scaled
     phase("optimizer")
+    if sync is not None:
+        step_loss = sync(step_loss)  # NaN on any rank is NaN on every rank: all stop alike
+        trained = denom
     loss = step_loss.item() / max(trained, 1)  # the one host sync of the step
     if not math.isfinite(loss):
         optimizer.zero_grad(set_to_none=True)

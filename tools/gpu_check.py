@@ -15,6 +15,8 @@ rewritten after every stage, so a crash or a timeout keeps what was measured):
      7B-wide model (hidden 4096, --bench-layers layers), packed and unpacked
   e. 20 training steps on CUDA, export --verify, and the NF4 codes of the CUDA quantization
      that differ from the CPU one
+  f. with 2+ GPUs (skipped otherwise): DDP and FSDP on 2 GPUs (torchrun, NCCL) against 1 GPU with
+     twice the accumulation, losses within 1e-3 (tools/gpu_check_multi.py)
 No network: random weights, the demo rows shipped in recipes/data, Alpaca rows from --data.
 Runs on the CPU too (`--device cpu --quick`), which is how its logic is tried without a GPU.
 """
@@ -302,6 +304,15 @@ def stage_export(args) -> dict:
 # ---------------------------------------------------------------- driver
 
 
+def stage_multi_gpu(args) -> dict:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from gpu_check_multi import multi_gpu_stage
+
+    res = multi_gpu_stage(args.out / "multi_gpu", data=str(DEMO_ROWS))
+    res.setdefault("ok", True)  # skipped: fewer than 2 GPUs is not a failure
+    return res
+
+
 def guarded(fn) -> dict:
     t0 = time.perf_counter()
     try:
@@ -342,7 +353,7 @@ def markdown(results: dict) -> str:
 
 # Throughput last: the longest stage, so a time limit costs the least.
 STAGES = {"a_pytest": stage_pytest, "b_tiny": stage_tiny, "c_7b_memory": stage_7b, "e_export": stage_export,
-          "d_throughput": stage_bench}
+          "f_multi_gpu": stage_multi_gpu, "d_throughput": stage_bench}
 
 
 def main() -> int:
