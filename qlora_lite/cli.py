@@ -126,15 +126,20 @@ def profile(recipe, modes, steps, seq_len, batch_size, out_dir, overrides):
 @click.option("--grad-accum", default=16, show_default=True, type=click.IntRange(min=1))
 @click.option("--gpu-mem", default=None, help="Card memory, e.g. 24GB: says what fits.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-def estimate(model, seq_len, batch_size, lora_r, optimizer, loss_chunk_size, grad_accum, gpu_mem, as_json):
+@click.option("--offload", is_flag=True, help="model.offload_activations: layer inputs in host memory.")
+@click.option("--tiled-mlp", default=None, is_flag=False, flag_value="auto", metavar="[N|auto]",
+              help="model.tiled_mlp: the MLP (and norms) over N tiles of tokens; alone: auto.")
+def estimate(model, seq_len, batch_size, lora_r, optimizer, loss_chunk_size, grad_accum, gpu_mem, as_json,
+             offload, tiled_mlp):
     """Predict peak memory per mode for MODEL (a shipped name such as llama-2-7b, a folder,
     a config.json, or a Hub id) from its architecture alone."""
     import json as _json
 
-    from .estimate import Settings, estimate as run_estimate, format_table, parse_size
+    from .estimate import Settings, estimate as run_estimate, format_table, parse_size, parse_tiles
 
     s = Settings(seq_len=seq_len, batch_size=batch_size, lora_r=lora_r, optimizer=optimizer,
-                 loss_chunk_size=loss_chunk_size, grad_accum=grad_accum)
+                 loss_chunk_size=loss_chunk_size, grad_accum=grad_accum, offload_activations=offload,
+                 tiled_mlp=parse_tiles(tiled_mlp))
     result = run_estimate(model, s, parse_size(gpu_mem) if gpu_mem else None)
     click.echo(_json.dumps(result, indent=2) if as_json else format_table(result))
 

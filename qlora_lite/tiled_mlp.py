@@ -1,4 +1,4 @@
-"""Sequence-tiled MLP: forward, recompute and backward of each MLP over tiles of tokens.
+"""Sequence-tiled MLP (and RMSNorms): forward, recompute and backward over tiles of tokens.
 
 At 64k tokens one MLP intermediate of Llama-3-8B (L x 14336 bf16) is 1.9 GB and backward
 through the MLP holds several (gate and up outputs, the activation, their gradients, LoRA
@@ -6,6 +6,11 @@ dropout masks). The MLP is token-wise, so it can run over tiles of tokens: the f
 keeps only the MLP input, and backward recomputes one tile at a time and takes its gradients,
 so what the MLP holds is bounded by a tile. This is TiledMLP of Arctic Long Sequence Training
 (arXiv 2506.13996; DeepSpeed `ulysses_sp.TiledMLP`).
+
+The RMSNorms are token-wise too and get the same treatment: transformers' RMSNorm keeps an
+fp32 copy of its input for backward and its backward makes about seven fp32 temporaries of
+L x d; once the MLP is tiled that is the next peak (measured with the tracker). Tiled, a norm
+keeps only its bf16 input and works in fp32 one tile at a time.
 
 Unlike DeepSpeed's, the adapter gradients are returned to autograd rather than accumulated
 into `.grad` inside backward: hooks on parameters (the tracker's, DDP's) see one gradient per
@@ -56,8 +61,8 @@ def _set_rng_state(device: torch.device, state) -> None:
         torch.cuda.set_rng_state(state[1], device)
 
 
-class TiledMLPFunction(torch.autograd.Function):
-    """y = mlp(x) computed tile by tile; saves only x (and each tile's RNG state)."""
+class TiledFunction(torch.autograd.Function):
+    """y = f(x) for a token-wise f, computed tile by tile; saves only x (and each tile's RNG state)."""
 
     @staticmethod
     def forward(ctx, mlp_forward, tiles: int, x: torch.Tensor, *params):
@@ -105,29 +110,36 @@ class TiledMLPFunction(torch.autograd.Function):
         return (None, None, None if grad_x is None else grad_x.reshape(x.shape), *grad_params)
 
 
-def tiled_forward(mlp, setting, plain_forward, x: torch.Tensor) -> torch.Tensor:
-    """An MLP's forward over tiles of tokens when training; `plain_forward` otherwise."""
+def tiled_forward(module, setting, plain_forward, x: torch.Tensor) -> torch.Tensor:
+    """A token-wise module's forward over tiles of tokens when training; `plain_forward` otherwise."""
     tiles = tile_count(x.shape[:-1].numel(), x.shape[-1], setting)
-    params = [p for p in mlp.parameters() if p.requires_grad]
+    params = [p for p in module.parameters() if p.requires_grad]
     if tiles == 1 or not torch.is_grad_enabled() or not (x.requires_grad or params):
         return plain_forward(x)
-    return TiledMLPFunction.apply(plain_forward, tiles, x, *params)
+    return TiledFunction.apply(plain_forward, tiles, x, *params)
+
+
+NORMS = ("input_layernorm", "post_attention_layernorm")
 
 
 def tile_mlps(model, setting) -> int:
-    """Make every decoder layer's `mlp` run tiled (model.tiled_mlp); returns how many.
+    """Make every decoder layer's `mlp` and RMSNorms (and the final norm) run tiled; returns
+    how many modules (model.tiled_mlp).
 
-    The module stays where it is (state dict names and adapters unchanged): only its
-    `forward` is wrapped, and the adapters attached later are found at each call.
+    The modules stay where they are (state dict names and adapters unchanged): only their
+    `forward` is wrapped, and adapters attached later are found at each call.
 
     Args:
         model: a transformers causal LM.
         setting (int | str): N tiles or "auto" (see `tile_count`).
     """
-    mlps = [layer.mlp for layer in model.get_decoder().layers if hasattr(layer, "mlp")]
+    decoder = model.get_decoder()
+    mlps = [layer.mlp for layer in decoder.layers if hasattr(layer, "mlp")]
     if not mlps:
         raise QloraError("model.tiled_mlp: this model's decoder layers have no `mlp`; set model.tiled_mlp: 0.")
-    for mlp in mlps:
-        plain = mlp.forward
-        mlp.forward = types.MethodType(lambda self, x, _plain=plain: tiled_forward(self, setting, _plain, x), mlp)
-    return len(mlps)
+    norms = [getattr(layer, n) for layer in decoder.layers for n in NORMS if hasattr(layer, n)]
+    modules = mlps + norms + ([decoder.norm] if hasattr(decoder, "norm") else [])
+    for m in modules:
+        plain = m.forward
+        m.forward = types.MethodType(lambda self, x, _plain=plain: tiled_forward(self, setting, _plain, x), m)
+    return len(modules)
