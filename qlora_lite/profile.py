@@ -188,6 +188,8 @@ def report_markdown(results: list[dict], title: str = "") -> str:
         for c in CATEGORIES:
             lines.append(f"| {LABELS[c]} | {gib(p['bytes'][c])} | {100 * p['bytes'][c] / max(p['total'], 1):.1f}% |")
         lines.append(f"| **total at peak** | **{gib(p['total'])}** | 100% |")
+        if p.get("host_peak"):  # offloaded activation checkpoints: host RAM, not device memory
+            lines.append(f"| host memory (offloaded checkpoints), most at once | {gib(p['host_peak'])} | |")
         if "cuda_max_allocated" in r:
             lines.append(f"| CUDA allocator peak (allocated / reserved) | "
                          f"{gib(r['cuda_max_allocated'])} / {gib(r['cuda_max_reserved'])} | |")

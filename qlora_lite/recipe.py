@@ -68,9 +68,9 @@ class ModelConfig:
             host memory between forward and backward, prefetched back for its recompute; needs
             gradient_checkpointing. Frees layers x tokens x hidden x 2 bytes of device memory
             for as much host RAM (see `qlora-lite estimate --offload`). Default False.
-        tiled_mlp (int | str): run each MLP over this many tiles of tokens (forward, recompute
-            and backward), or "auto" for tiles of hidden_size tokens; 0 is off. Bounds the MLP
-            intermediates at long context. Default 0.
+        tiled_mlp (int | str): run each MLP (and the RMSNorms) over this many tiles of tokens
+            (forward, recompute and backward), or "auto" for tiles of hidden_size tokens (at
+            least 1024); 0 is off. Bounds the MLP intermediates at long context. Default 0.
         quantization (QuantizationConfig): the `model.quantization` section below.
     """
 

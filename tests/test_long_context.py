@@ -121,6 +121,7 @@ def long_model(tmp_path_factory):
     return str(path)
 
 
+@pytest.mark.slow  # four measured runs at 4k tokens: about a minute on an idle 2-core CPU
 def test_estimate_matches_measured_peaks_at_4k_tokens_with_and_without_each_technique(long_model):
     arch, length, rows, worst, peaks = load_arch(long_model), 4096, [], 0.0, {}
     for name, extra in (("plain", {}), ("offload", {"offload_activations": True}),
@@ -154,6 +155,7 @@ def test_the_64k_recipe_validates_and_its_header_states_the_predicted_peak():
     assert load_arch("llama-3.1-8b").max_position_embeddings == 131072
 
 
+@pytest.mark.slow  # three short training runs
 def test_training_with_both_packing_and_the_chunked_loss_resumes_exactly(tmp_path):
     from qlora_lite.tiny import demo_rows
 
