@@ -11,10 +11,12 @@ import re
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save
 
-from .errors import QloraError
 from .atomic import atomic_write_bytes, atomic_write_json
+from .dtypes import dtype_name, torch_dtype
+from .errors import QloraError
 from .lora import LoRALinear, attach_lora, lora_modules, lora_state_dict
 from .recipe import LoraConfig
 
@@ -22,10 +24,23 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
 PEFT_PREFIX = "base_model.model."
 _KEY = re.compile(r"^base_model\.model\.(.+)\.(lora_[AB])(?:\.default)?\.weight$")
+# Our own adapter_config.json fields, under one key: PEFT ignores it (with a warning that it
+# comes from a newer version) and loads the adapter as usual.
+OWN_KEY = "qlora_lite"
+# safetensors dtype tags of adapters PEFT wrote without OWN_KEY (PEFT trains fp32 adapters).
+_STORED_DTYPES = {"BF16": "bfloat16", "F32": "float32"}
 
 
-def adapter_config_dict(cfg: LoraConfig, targets: list[str], base_model_name_or_path: str) -> dict:
-    """The adapter_config.json fields PEFT reads for a plain LoRA adapter."""
+def adapter_config_dict(cfg: LoraConfig, targets: list[str], base_model_name_or_path: str,
+                        lora_dtype: str | None = None) -> dict:
+    """The adapter_config.json fields PEFT reads for a plain LoRA adapter, plus the adapter dtype.
+
+    Args:
+        cfg (LoraConfig): the adapter hyperparameters.
+        targets (list[str]): adapted module paths.
+        base_model_name_or_path (str): recorded for loaders.
+        lora_dtype (str | None): the saved tensors' dtype name; default cfg.dtype.
+    """
     suffixes = sorted({t.rsplit(".", 1)[-1] for t in targets})
     return {
         "peft_type": "LORA",
@@ -47,6 +62,7 @@ def adapter_config_dict(cfg: LoraConfig, targets: list[str], base_model_name_or_
         "alpha_pattern": {},
         "use_dora": False,
         "revision": None,
+        OWN_KEY: {"lora_dtype": lora_dtype or cfg.dtype},
     }
 
 
@@ -65,7 +81,9 @@ def save_adapter(model, out_dir: str | Path, cfg: LoraConfig, base_model_name_or
         raise QloraError("The model has no LoRA layers to save.")
     blob = save(tensors, metadata={"format": "pt"})
     atomic_write_bytes(out / WEIGHTS_NAME, blob)
-    atomic_write_json(out / CONFIG_NAME, adapter_config_dict(cfg, list(lora_modules(model)), base_model_name_or_path))
+    dtype = dtype_name(next(iter(tensors.values())).dtype)
+    atomic_write_json(out / CONFIG_NAME,
+                      adapter_config_dict(cfg, list(lora_modules(model)), base_model_name_or_path, dtype))
     return len(blob)
 
 
@@ -84,10 +102,22 @@ def read_adapter_config(adapter_dir: str | Path) -> tuple[LoraConfig, dict]:
     if raw.get("rank_pattern") or raw.get("alpha_pattern"):
         raise QloraError(f"{str(path)!r}: per-module rank_pattern/alpha_pattern are not supported.")
     tm = raw.get("target_modules") or "all-linear"
+    dtype = (raw.get(OWN_KEY) or {}).get("lora_dtype") or _stored_dtype(d)
     cfg = LoraConfig(r=int(raw["r"]), alpha=float(raw["lora_alpha"]), dropout=float(raw.get("lora_dropout") or 0.0),
                      target_modules=sorted(tm) if isinstance(tm, (list, set)) else tm,
-                     rslora=bool(raw.get("use_rslora", False)))
+                     rslora=bool(raw.get("use_rslora", False)), dtype=dtype)
     return cfg, raw
+
+
+def _stored_dtype(adapter_dir: Path) -> str:
+    """The adapter dtype of a folder without our record: its tensors' (bf16 or fp32), else bfloat16."""
+    path = adapter_dir / WEIGHTS_NAME
+    if not path.is_file():
+        return "bfloat16"
+    with safe_open(str(path), "pt") as f:
+        keys = list(f.keys())
+        tag = f.get_slice(keys[0]).get_dtype() if keys else ""
+    return _STORED_DTYPES.get(tag, "bfloat16")
 
 
 def read_adapter_weights(adapter_dir: str | Path) -> dict[str, dict[str, torch.Tensor]]:
@@ -126,20 +156,22 @@ def check_adapter_fits(model, weights: dict[str, dict[str, torch.Tensor]]) -> No
                 f"(base linear is {d_in} -> {d_out}); was the adapter trained on another model?")
 
 
-def load_adapter(model, adapter_dir: str | Path, dtype: torch.dtype = torch.bfloat16) -> LoraConfig:
+def load_adapter(model, adapter_dir: str | Path, dtype: torch.dtype | None = None) -> LoraConfig:
     """Attach (if needed) and fill LoRA layers from a PEFT-format adapter folder.
 
     Args:
         model (nn.Module): the base model, with or without LoRA layers already attached.
         adapter_dir (str | Path): folder with adapter_config.json + adapter_model.safetensors.
-        dtype (torch.dtype): adapter dtype in memory. Default torch.bfloat16.
+        dtype (torch.dtype | None): adapter dtype in memory; default the one the adapter was
+            trained in (adapter_config.json's record, else its tensors' dtype).
     """
     cfg, _ = read_adapter_config(adapter_dir)
     weights = read_adapter_weights(adapter_dir)
     check_adapter_fits(model, weights)
     existing = lora_modules(model)
     if not existing:
-        attach_lora(model, cfg, targets=[n for n, _ in model.named_modules() if n in weights], dtype=dtype)
+        attach_lora(model, cfg, targets=[n for n, _ in model.named_modules() if n in weights],
+                    dtype=dtype or torch_dtype(cfg.dtype))
         existing = lora_modules(model)
     elif set(existing) != set(weights):
         missing = sorted(set(existing) - set(weights)) or sorted(set(weights) - set(existing))

@@ -21,6 +21,8 @@ PACKED_ATTENTION = "qlora_lite_packed"
 # through the SDPA kernel (measured on AVX-512 bf16, 8 heads of 64); the fp32 scores it
 # holds are H * n^2 * 4 bytes, 8 MB at 512.
 CPU_MATMUL_ATTENTION_MAX = 512
+# The forward kwarg that carries one forward's sample bounds down to every attention call.
+BOUNDS_KWARG = "packed_sample_bounds"
 
 
 def sample_bounds(position_ids: torch.Tensor) -> list[list[tuple[int, int]]]:
@@ -36,17 +38,18 @@ def sample_bounds(position_ids: torch.Tensor) -> list[list[tuple[int, int]]]:
     return out
 
 
-# Every layer of one forward (and its recompute under checkpointing) gets the same
-# position_ids tensor; reading it once avoids a host sync per layer on CUDA. Holding the
-# tensor keeps its id from being reused by another one.
-_last: tuple[torch.Tensor | None, list] = (None, [])
+def add_sample_bounds(decoder, args, kwargs):
+    """Forward pre-hook of the decoder: read the sample bounds once per forward.
 
-
-def _bounds(position_ids: torch.Tensor) -> list[list[tuple[int, int]]]:
-    global _last
-    if _last[0] is not position_ids:
-        _last = (position_ids, sample_bounds(position_ids))
-    return _last[1]
+    Every layer of one forward (and its recompute under checkpointing) gets the same
+    position_ids; transformers passes extra forward kwargs down to the attention function
+    (as it does flash-attention's cu_seq_lens), so the bounds travel with the call and each
+    layer is spared a host sync on CUDA.
+    """
+    position_ids = kwargs.get("position_ids")
+    if decoder.training and position_ids is not None and kwargs.get(BOUNDS_KWARG) is None:
+        kwargs[BOUNDS_KWARG] = sample_bounds(position_ids)
+    return args, kwargs
 
 
 def causal_attention(q, k, v, dropout: float = 0.0, scale: float | None = None) -> torch.Tensor:
@@ -65,7 +68,7 @@ def causal_attention(q, k, v, dropout: float = 0.0, scale: float | None = None) 
 
 
 def packed_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
-                position_ids=None, **kwargs):
+                position_ids=None, packed_sample_bounds=None, **kwargs):
     """An AttentionInterface function: per-sample causal SDPA in training, plain SDPA otherwise.
 
     Args:
@@ -74,6 +77,8 @@ def packed_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0,
         attention_mask (Tensor | None): transformers' mask, used outside training.
         dropout (float): attention dropout. scaling (float | None): softmax scale.
         position_ids (Tensor | None): [B, L], restarting at 0 for each packed sample.
+        packed_sample_bounds (list | None): `sample_bounds(position_ids)`, read once per
+            forward by `add_sample_bounds`; computed here when absent.
 
     Returns: ([B, L, H, D] attention output, None)
     """
@@ -86,7 +91,8 @@ def packed_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0,
     groups = getattr(module, "num_key_value_groups", 1)
     key, value = repeat_kv(key, groups), repeat_kv(value, groups)
     rows = []
-    for b, spans in enumerate(_bounds(position_ids)):
+    bounds = packed_sample_bounds if packed_sample_bounds is not None else sample_bounds(position_ids)
+    for b, spans in enumerate(bounds):
         parts = [causal_attention(query[b:b + 1, :, s:e], key[b:b + 1, :, s:e], value[b:b + 1, :, s:e],
                                   dropout, scaling) for s, e in spans]
         rows.append(parts[0] if len(parts) == 1 else torch.cat(parts, dim=2))
@@ -103,3 +109,7 @@ def use_packed_attention(model) -> None:
     # The mask transformers builds for SDPA is what the non-training path needs.
     ALL_MASK_ATTENTION_FUNCTIONS.register(PACKED_ATTENTION, sdpa_mask)
     model.set_attn_implementation(PACKED_ATTENTION)
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
+    if not getattr(decoder, "_qlora_sample_bounds_hook", False):
+        decoder.register_forward_pre_hook(add_sample_bounds, with_kwargs=True)
+        decoder._qlora_sample_bounds_hook = True

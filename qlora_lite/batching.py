@@ -7,7 +7,7 @@
            resumed run skips to its data position with plan[done_batches:].
     batch = collate([[samples[i] for i in row] for row in plan[k]], pad_id)
         -> {"input_ids", "labels", "position_ids", "attention_mask"} torch tensors, padded to
-           the longest row of the batch (never to max_seq_len). `iter_batches` does both.
+           the longest row of the batch (never to max_seq_len).
 
 Unpacked batches carry a 2D padding mask. Packed rows hold several samples; position_ids
 restart at 0 for each, the first token of each sample gets no loss (it would be predicted
@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import bisect
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -165,18 +165,6 @@ def packed_attention_mask(seq_id: torch.Tensor, dtype: torch.dtype = torch.float
     allowed = (same & causal & (seq_id >= 0)[:, :, None]) | pad_self
     mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
     return mask[:, None]
-
-
-def iter_batches(
-    samples: Sequence[dict],
-    plan: list[list[list[int]]],
-    pad_id: int,
-    start: int = 0,
-    **collate_kwargs,
-) -> Iterator[dict[str, torch.Tensor]]:
-    """Collated batches of `plan` from batch index `start` (a resumed run's data position)."""
-    for batch in plan[start:]:
-        yield collate([[samples[i] for i in row] for row in batch], pad_id, **collate_kwargs)
 
 
 def _chunks(items: list, size: int) -> list[list]:

@@ -48,7 +48,8 @@ def run(recipe, overrides, resume, overwrite, demo):
 @click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32"]), default="bf16", show_default=True)
 @click.option("--base", type=click.Choice(["dequantized", "original"]), default="dequantized", show_default=True,
               help="dequantized: the NF4 weights training saw; original: the checkpoint's full-precision weights.")
-@click.option("--max-shard-size", default="2GB", show_default=True, help="Largest safetensors shard.")
+@click.option("--max-shard-size", default="2GB", show_default=True,
+              help="Largest safetensors shard: GB = 1e9 bytes, GiB = 2^30 (MB/MiB likewise); a bare number is bytes.")
 @click.option("--verify", is_flag=True, help="Compare the export's logits with the 4-bit base + adapter.")
 @click.option("--model", "model", default=None, help="Base model, overriding the run's recipe / adapter_config.json.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out folder.")
@@ -81,7 +82,6 @@ def export(source, out, dtype, base, max_shard_size, verify, model, overwrite):
 @click.option("--device", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda", "auto"]))
 def generate(source, adapter, prompt, chat, max_new_tokens, temperature, top_p, seed, raw, device):
     """Generate from SOURCE: a run folder, an adapter folder, or a model folder (e.g. an export)."""
-    from .errors import QloraError
     from .generate import chat_loop, generate_text, load_for_generation
 
     if (prompt is None) == (not chat):
@@ -104,15 +104,18 @@ def generate(source, adapter, prompt, chat, max_new_tokens, temperature, top_p, 
 @click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False),
               help="Folder for report.md, report.json, memory.png [runs/profile].")
 @click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE", help="Override a recipe value.")
-def profile(recipe, modes, steps, seq_len, batch_size, out_dir, overrides):
+@click.option("--memory-limit", default=None, metavar="SIZE",
+              help="Skip a mode the estimate says needs more (e.g. 24GiB; GB = 1e9 bytes, GiB = 2^30) "
+                   "[CUDA: the GPU's memory; CPU: none].")
+def profile(recipe, modes, steps, seq_len, batch_size, out_dir, overrides, memory_limit):
     """Measure peak memory by category for RECIPE in each mode (random tokens, real steps)."""
     from .profile import parse_modes, profile_recipe
     from .recipe import load_recipe
+    from .units import parse_size
 
-    out_dir = out_dir or "runs/profile"
-    profile_recipe(load_recipe(recipe, overrides), parse_modes(modes), steps, seq_len, batch_size, out_dir,
-                   title=recipe, log=click.echo)
-    click.echo(f"wrote {out_dir}/report.md, report.json, memory.png")
+    limit = parse_size(memory_limit) if memory_limit else None
+    profile_recipe(load_recipe(recipe, overrides), parse_modes(modes), steps, seq_len, batch_size,
+                   out_dir or "runs/profile", title=recipe, log=click.echo, memory_limit=limit)
 
 
 @main.command()
@@ -124,23 +127,26 @@ def profile(recipe, modes, steps, seq_len, batch_size, out_dir, overrides):
               type=click.Choice(["paged_adamw_8bit", "paged_adamw_32bit", "adamw_8bit", "adamw"]))
 @click.option("--loss-chunk-size", default=1024, show_default=True, type=click.IntRange(min=0))
 @click.option("--grad-accum", default=16, show_default=True, type=click.IntRange(min=1))
-@click.option("--gpu-mem", default=None, help="Card memory, e.g. 24GB: says what fits.")
+@click.option("--lora-dtype", default="bfloat16", show_default=True, type=click.Choice(["bfloat16", "float32"]),
+              help="Adapter dtype (the recipe's lora.dtype); float32 doubles adapter and gradient bytes.")
+@click.option("--gpu-mem", default=None,
+              help="Card memory, says what fits: GiB = 2^30 bytes, GB = 1e9 (a 24 GB RTX 3090/4090 is 24GiB).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @click.option("--offload", is_flag=True, help="model.offload_activations: layer inputs in host memory.")
 @click.option("--tiled-mlp", default=None, is_flag=False, flag_value="auto", metavar="[N|auto]",
               help="model.tiled_mlp: the MLP (and norms) over N tiles of tokens; alone: auto.")
-def estimate(model, seq_len, batch_size, lora_r, optimizer, loss_chunk_size, grad_accum, gpu_mem, as_json,
-             offload, tiled_mlp):
+def estimate(model, seq_len, batch_size, lora_r, optimizer, loss_chunk_size, grad_accum, lora_dtype, gpu_mem,
+             as_json, offload, tiled_mlp):
     """Predict peak memory per mode for MODEL (a shipped name such as llama-2-7b, a folder,
     a config.json, or a Hub id) from its architecture alone."""
     import json as _json
 
-    from .estimate import Settings, estimate as run_estimate, format_table, parse_size, parse_tiles
+    from .estimate import Settings, estimate as run_estimate, format_table, gpu_mem_bytes, parse_tiles
 
     s = Settings(seq_len=seq_len, batch_size=batch_size, lora_r=lora_r, optimizer=optimizer,
-                 loss_chunk_size=loss_chunk_size, grad_accum=grad_accum, offload_activations=offload,
-                 tiled_mlp=parse_tiles(tiled_mlp))
-    result = run_estimate(model, s, parse_size(gpu_mem) if gpu_mem else None)
+                 loss_chunk_size=loss_chunk_size, grad_accum=grad_accum, lora_dtype=lora_dtype,
+                 offload_activations=offload, tiled_mlp=parse_tiles(tiled_mlp))
+    result = run_estimate(model, s, gpu_mem_bytes(gpu_mem) if gpu_mem else None)
     click.echo(_json.dumps(result, indent=2) if as_json else format_table(result))
 
 

@@ -30,11 +30,12 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+from .atomic import atomic_write_bytes
 from .errors import QloraError
 from .sources import load_rows, local_identity
 from .templates import alpaca_prompt, prompt_ids, render_alpaca, render_chat, resolve_template  # noqa: F401
 
-IGNORE_INDEX = -100
+IGNORE_INDEX = -100  # the label of tokens without loss (torch's cross_entropy default)
 TOKENIZE_CHUNK = 1000  # texts per tokenizer call: the fast tokenizer batches them in Rust
 CACHE_VERSION = 2  # bump when rendering or tokenizing changes, so old caches are not reused
 ROLES = {
@@ -318,8 +319,6 @@ def _load_tokenized(cfg, path, tokenizer, template, cache_dir):
 def _write_cache(file: Path, samples: list[dict], meta: dict) -> None:
     import torch
     from safetensors.torch import save
-
-    from .atomic import atomic_write_bytes
 
     lengths = torch.tensor([0] + [len(s["input_ids"]) for s in samples], dtype=torch.int64)
     tensors = {

@@ -18,11 +18,13 @@ import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from .dtypes import torch_dtype
 from .errors import QloraError
-from .memory import CATEGORIES
+from .memory import CATEGORIES, LABELS, MODES
+from .recipe import LORA_DTYPES, Recipe
+from .units import gib, parse_size
 
 CONFIG_DIR = Path(__file__).parent / "configs"
-MODES = ("qlora", "lora", "full")
 BF16 = 2
 NF4_BLOCK = 64  # elements per absmax
 NF4_BLOCK2 = 256  # absmax values per second-level (fp32) absmax
@@ -74,6 +76,8 @@ class Settings:
         grad_accum (int): > 1 keeps gradients alive through the next forward; 1 frees
             them after each step. Default 16.
         device (str): "cuda" (bool dropout masks) or "cpu" (masks in bf16). Default "cuda".
+        lora_dtype (str): lora.dtype, "bfloat16" or "float32" (2x adapter and gradient bytes;
+            on CPU, without autocast, the adapter path runs in fp32 too). Default "bfloat16".
         offload_activations (bool): model.offload_activations: layer inputs wait in host memory.
             Default False.
         tiled_mlp (int | str): model.tiled_mlp: 0, N tiles or "auto". Default 0.
@@ -87,8 +91,34 @@ class Settings:
     loss_chunk_size: int = 1024
     grad_accum: int = 16
     device: str = "cuda"
+    lora_dtype: str = "bfloat16"
     offload_activations: bool = False
     tiled_mlp: int | str = 0
+
+    def __post_init__(self):
+        if self.lora_dtype not in LORA_DTYPES:
+            raise QloraError(f"lora dtype {self.lora_dtype!r} must be one of {', '.join(LORA_DTYPES)}.")
+
+    @property
+    def lora_bytes(self) -> int:
+        """Bytes per adapter element."""
+        return torch_dtype(self.lora_dtype).itemsize
+
+
+def settings_from_recipe(recipe: Recipe, seq_len: int | None = None, device: str = "cuda") -> Settings:
+    """The Settings a recipe trains with (LoRA rank, dropout and dtype, optimizer, loss, batch).
+
+    Args:
+        recipe (Recipe): the recipe.
+        seq_len (int | None): default the recipe's data.max_seq_len (2048 without data).
+        device (str): "cuda" or "cpu". Default "cuda".
+    """
+    t = recipe.train
+    return Settings(seq_len=seq_len or (recipe.data.max_seq_len if recipe.data else 2048),
+                    batch_size=t.micro_batch_size, lora_r=recipe.lora.r, lora_dropout=recipe.lora.dropout,
+                    optimizer=t.optimizer, loss_chunk_size=t.loss_chunk_size, grad_accum=t.grad_accum,
+                    device=device, lora_dtype=recipe.lora.dtype,
+                    offload_activations=recipe.model.offload_activations, tiled_mlp=recipe.model.tiled_mlp)
 
 
 def load_arch(model: str) -> Arch:
@@ -175,12 +205,15 @@ def persistent(a: Arch, s: Settings, mode: str) -> dict:
     if mode == "full":
         trainable = small + L * [n for d_in, d_out, bias in lin for n in ([d_in * d_out] + ([d_out] if bias else []))]
         lora, kind = 0, ("paged_adamw_32bit" if s.optimizer.startswith("paged") else "adamw32")
+        elem = BF16
     else:
+        # Adapters, their gradients and torch AdamW's state are in lora.dtype.
         trainable = L * [n for d_in, d_out, _ in lin for n in (s.lora_r * d_in, s.lora_r * d_out)]
-        lora, kind = BF16 * sum(trainable), s.optimizer
-    grads = BF16 * sum(trainable)
+        elem = s.lora_bytes
+        lora, kind = elem * sum(trainable), s.optimizer
+    grads = elem * sum(trainable)
     return {"base_weights": base, "lora_params": lora, "gradients": grads,
-            "optimizer_state": optimizer_bytes(kind, trainable)}
+            "optimizer_state": optimizer_bytes(kind, trainable, elem)}
 
 
 def layer_recompute_per_token(a: Arch, s: Settings, mode: str) -> int:
@@ -193,9 +226,14 @@ def layer_recompute_per_token(a: Arch, s: Settings, mode: str) -> int:
     if mode == "full":
         return common + 12 * i  # gate/up outputs, silu, product and their grads
     lin = layer_linears(a)
-    adapters = 2 * s.lora_r * len(lin)
-    mask = 1 if s.device == "cuda" else BF16  # CUDA dropout masks are bool
-    dropout = sum((BF16 + mask) * d_in for d_in, _, _ in lin) if s.lora_dropout > 0 else 0
+    # Under CUDA autocast the adapter path runs in bf16 whatever lora.dtype; on CPU in lora.dtype.
+    elem = BF16 if s.device == "cuda" else s.lora_bytes
+    adapters = elem * s.lora_r * len(lin)
+    mask = 1 if s.device == "cuda" else elem  # CUDA dropout masks are bool
+    if s.lora_dropout > 0:  # dropout's output and mask are saved
+        dropout = sum((elem + mask) * d_in for d_in, _, _ in lin)
+    else:  # without dropout only a cast of the input (fp32 adapters on CPU) is a new tensor
+        dropout = sum(elem * d_in for d_in, _, _ in lin) if elem != BF16 else 0
     return common + 8 * i + adapters + dropout
 
 
@@ -334,19 +372,12 @@ def largest(a: Arch, s: Settings, mode: str, gpu_mem: float, field: str, limit: 
     return lo
 
 
-def parse_size(text: str) -> float:
-    """"24GB", "24GiB", "80G", "16000MB" -> bytes (GB read as GiB: cards are sold in GiB)."""
-    t = text.strip().upper().replace("IB", "B")
-    for unit, mult in (("TB", 2**40), ("GB", 2**30), ("MB", 2**20), ("T", 2**40), ("G", 2**30), ("M", 2**20)):
-        if t.endswith(unit):
-            t = t[: -len(unit)]
-            break
-    else:
-        mult = 2**30
-    try:
-        return float(t) * mult
-    except ValueError:
-        raise QloraError(f"--gpu-mem {text!r} is not a size; write it like 24GB or 80GiB.") from None
+def gpu_mem_bytes(text: str) -> int:
+    """`--gpu-mem` in bytes (units.parse_size); a bare number under 1 MiB is surely a missing unit."""
+    n = parse_size(text, "--gpu-mem")
+    if n < 2**20:
+        raise QloraError(f"--gpu-mem {text!r} is {n} bytes; give a unit, e.g. 24GiB for a 24 GB card.")
+    return n
 
 
 def parse_tiles(text: str | None) -> int | str:
@@ -387,12 +418,12 @@ def largest_by_technique(a: Arch, s: Settings, mode: str, gpu_mem: float) -> dic
 
 def format_table(result: dict) -> str:
     """A markdown table: categories as rows, modes as columns, plus fit answers."""
-    from .profile import LABELS, gib
-
     modes = list(result["modes"])
     s = result["settings"]
-    long = (", offloaded" if s["offload_activations"] else "") + (f", tiled MLP {s['tiled_mlp']}" if s["tiled_mlp"] else "")
-    lines = [f"{result['model']}: seq {s['seq_len']}, batch {s['batch_size']}, LoRA r={s['lora_r']} all-linear, "
+    long = (", offloaded" if s.get("offload_activations") else "") + (
+        f", tiled MLP {s['tiled_mlp']}" if s.get("tiled_mlp") else "")
+    lines = [f"{result['model']}: seq {s['seq_len']}, batch {s['batch_size']}, LoRA r={s['lora_r']} all-linear "
+             f"({s.get('lora_dtype', 'bfloat16')}), "
              f"{s['optimizer']}, loss chunk {s['loss_chunk_size']}, gradient checkpointing{long}; device bytes "
              "(host bytes on the last row)", "",
              "| | " + " | ".join(modes) + " |", "|---|" + "---:|" * len(modes)]
@@ -409,7 +440,7 @@ def format_table(result: dict) -> str:
         for t in TECHNIQUES:
             lines.append(f"| largest seq len, {t} | "
                          + " | ".join(str(result["modes"][m]["max_seq_len_by_technique"][t]) for m in modes) + " |")
-    if s["offload_activations"]:
+    if s.get("offload_activations"):
         lines.append("| host RAM for offloaded checkpoints | " + " | ".join(gib(result["modes"][m]["host"]) for m in modes)
                      + " |")
     return "\n".join(lines)

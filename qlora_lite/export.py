@@ -13,86 +13,28 @@ from __future__ import annotations
 
 import datetime
 import json
-import re
 import time
 from contextlib import ExitStack
-from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
-from .adapter import CONFIG_NAME, check_adapter_fits, read_adapter_config, read_adapter_weights
-from .errors import QloraError
+from .adapter import check_adapter_fits, read_adapter_config, read_adapter_weights
 from .atomic import atomic_dir, atomic_write_json, atomic_write_text
+from .dtypes import SHORT_NAMES, torch_dtype
+from .errors import QloraError
 from .lora import merged_weight
-from .recipe import LoraConfig, ModelConfig, load_recipe
+from .model import load_model, resolve_model_path
+from .quant import dequantized, is_4bit, logical_shape
+from .recipe import LoraConfig, ModelConfig
+from .runfolder import RunSource, resolve_source
+from .units import parse_size
+from .verify import verify_export
 
-EXPORT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+EXPORT_DTYPES = tuple(SHORT_NAMES)  # "bf16", "fp16", "fp32"
 BASES = ("dequantized", "original")
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
-# Decimal units like Hugging Face's `max_shard_size` ("2GB" = 2e9 bytes); binary with "iB".
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-
-
-@dataclass
-class ExportSource:
-    """What to merge: the base as training loaded it and the adapter folder.
-
-    Args:
-        model (ModelConfig): base model, revision and quantization used in training.
-        adapter_dir (Path): PEFT-format adapter folder.
-        kind (str): "run" (a run folder with recipe.yaml) or "adapter" (a bare adapter).
-        chat_template (str | None): the recipe's data.chat_template, None when unknown.
-    """
-
-    model: ModelConfig
-    adapter_dir: Path
-    kind: str
-    chat_template: str | None = None
-
-
-def resolve_source(path: str | Path, model: str | None = None) -> ExportSource:
-    """Read a run folder (recipe.yaml + adapter/) or a bare PEFT adapter folder.
-
-    Args:
-        path (str | Path): the run or adapter folder.
-        model (str | None): base model overriding the recipe / adapter_config.json. Default None.
-    """
-    p = Path(path)
-    if (p / "recipe.yaml").is_file():
-        recipe = load_recipe(p / "recipe.yaml")
-        adapter_dir = p / "adapter"
-        if not (adapter_dir / CONFIG_NAME).is_file():
-            raise QloraError(f"Run folder {str(p)!r} has no adapter/{CONFIG_NAME}: the run has not finished; "
-                             f"export a checkpoint instead, e.g. {str(p / 'checkpoints' / 'step-N' / 'adapter')!r} "
-                             "with --model.")
-        cfg = replace(recipe.model, gradient_checkpointing=False)
-        if model:
-            cfg = replace(cfg, name_or_path=model)
-        template = recipe.data.chat_template if recipe.data is not None else None
-        return ExportSource(cfg, adapter_dir, "run", template)
-    if (p / CONFIG_NAME).is_file():
-        _, raw = read_adapter_config(p)
-        name = model or raw.get("base_model_name_or_path")
-        if not name:
-            raise QloraError(f"{str(p / CONFIG_NAME)!r} names no base_model_name_or_path; pass --model BASE.")
-        # A bare adapter does not say how its base was quantized: assume the QLoRA defaults.
-        return ExportSource(ModelConfig(name_or_path=name, gradient_checkpointing=False), p, "adapter")
-    raise QloraError(f"{str(p)!r} is neither a run folder (recipe.yaml + adapter/) nor an adapter folder "
-                     f"({CONFIG_NAME} + adapter_model.safetensors).")
-
-
-def parse_size(text: str | int) -> int:
-    """Bytes from "2GB", "500MB", "1GiB" or an integer (decimal units as Hugging Face)."""
-    if isinstance(text, int):
-        return text
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(text))
-    unit = m.group(2).upper() if m else None
-    if m is None or unit not in _UNITS or float(m.group(1)) <= 0:
-        raise QloraError(f"--max-shard-size {text!r} is not a size; use e.g. 2GB, 500MB or 1GiB.")
-    return int(float(m.group(1)) * _UNITS[unit])
 
 
 def plan_shards(sizes: list[tuple[str, int]], max_bytes: int) -> list[list[str]]:
@@ -144,24 +86,6 @@ def state_keys(model) -> list[tuple[str, torch.Tensor]]:
     return out
 
 
-def logical_shape(t: torch.Tensor) -> torch.Size:
-    qs = getattr(t, "quant_state", None)
-    return qs.shape if qs is not None else t.shape
-
-
-def dequantized(t: torch.Tensor) -> torch.Tensor:
-    """The weight as training's forward saw it: bitsandbytes' dequantization for 4-bit."""
-    qs = getattr(t, "quant_state", None)
-    if qs is None:
-        return t.detach()
-    if getattr(qs, "packing_format_for_cpu", False):
-        raise QloraError("This 4-bit model has been repacked by bitsandbytes' CPU inference path (an eval "
-                         "forward ran on it), which rounds its scales; export from a freshly loaded model.")
-    import bitsandbytes.functional as F
-
-    return F.dequantize_4bit(t.data, qs)
-
-
 class CheckpointReader:
     """Lazy access to the tensors of a safetensors checkpoint folder (single or sharded)."""
 
@@ -190,8 +114,6 @@ class CheckpointReader:
 
 def local_model_dir(cfg: ModelConfig, weights: bool) -> Path:
     """The base model's local folder (Hub models from the local cache / download)."""
-    from .model import resolve_model_path
-
     path = Path(resolve_model_path(cfg.name_or_path))
     if path.is_dir():
         return path
@@ -204,8 +126,6 @@ def local_model_dir(cfg: ModelConfig, weights: bool) -> Path:
 def load_base(cfg: ModelConfig, base: str):
     """The model whose state is exported: NF4 as in training, or an empty (meta) one for `original`."""
     if base == "dequantized":
-        from .model import load_model
-
         return load_model(cfg)
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -228,7 +148,8 @@ def export_model(source: str | Path, out: str | Path, dtype: str = "bf16", base:
         dtype (str): "bf16", "fp16" or "fp32". Default "bf16".
         base (str): "dequantized" (NF4 weights training saw) or "original" (checkpoint weights).
             Default "dequantized".
-        max_shard_size (str | int): largest shard, e.g. "2GB". Default "2GB".
+        max_shard_size (str | int): largest shard, e.g. "2GB" (2e9 bytes) or "1GiB"; see units.py.
+            Default "2GB".
         model (str | None): base model overriding the one the source names. Default None.
         verify (bool): compare the export's logits with the 4-bit base + adapter. Default False.
         overwrite (bool): replace an existing `out`. Default False.
@@ -237,18 +158,13 @@ def export_model(source: str | Path, out: str | Path, dtype: str = "bf16", base:
     Returns:
         dict: what EXPORT.md records (shards, bytes, merged modules, seconds, verify numbers).
     """
-    if dtype not in EXPORT_DTYPES:
-        raise QloraError(f"--dtype {dtype!r} is not one of {', '.join(EXPORT_DTYPES)}.")
-    if base not in BASES:
-        raise QloraError(f"--base {base!r} is not one of {', '.join(BASES)}.")
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise QloraError(f"Output folder {str(out)!r} already exists; remove it or choose another --out.")
-    max_bytes = parse_size(max_shard_size)
+    _check_options(dtype, base, out, overwrite)
+    max_bytes = parse_size(max_shard_size, "--max-shard-size")
     src = resolve_source(source, model)
     lora_cfg, _ = read_adapter_config(src.adapter_dir)
     adapter = read_adapter_weights(src.adapter_dir)
-    out_dtype = EXPORT_DTYPES[dtype]
+    out_dtype = torch_dtype(dtype)
     t0 = time.perf_counter()
 
     base_model = load_base(src.model, base)
@@ -260,48 +176,75 @@ def export_model(source: str | Path, out: str | Path, dtype: str = "bf16", base:
             "merged_modules": len(adapter), "scale": lora_cfg.scale, "r": lora_cfg.r, "alpha": lora_cfg.alpha}
 
     with ExitStack() as stack:
-        reader = None
-        if base == "original":
-            reader = CheckpointReader(local_model_dir(src.model, True), stack)
-            missing = [k for k, _ in keys if k not in reader]
-            if missing:
-                raise QloraError(f"Tensor {missing[0]!r} is not in the base checkpoint "
-                                 f"({len(missing)} missing); use --base dequantized.")
-        sizes = [(k, logical_shape(t).numel() * _out_dtype(t, out_dtype).itemsize) for k, t in keys]
-        plan = plan_shards(sizes, max_bytes)
-        names = shard_names(len(plan))
-        tensors = dict(keys)
+        reader = _original_reader(src, keys, stack) if base == "original" else None
         with atomic_dir(out, overwrite=overwrite) as tmp:
-            weight_map = {}
-            for shard_keys, fname in zip(plan, names):
-                shard = {}
-                for key in shard_keys:
-                    t = tensors[key]
-                    w = reader.get(key) if reader is not None else dequantized(t)
-                    shard[key] = merge_tensor(key, w, adapter, lora_cfg, _out_dtype(t, out_dtype))
-                    del w
-                write_shard(shard, tmp / fname)
-                weight_map.update({k: fname for k in shard_keys})
-                log(f"wrote {fname} ({len(shard_keys)} tensors)")
-                del shard
-            total = sum(n for _, n in sizes)
-            if len(names) > 1:
-                atomic_write_json(tmp / INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": weight_map})
-            del tensors, keys, base_model
+            shards, total = write_shards(tmp, keys, reader, adapter, lora_cfg, out_dtype, max_bytes, log)
+            del keys, base_model  # free the 4-bit model before verify loads another
             info["prompt_format"] = write_metadata(tmp, src, out_dtype)
-            info.update(shards=len(names), total_bytes=total, seconds=round(time.perf_counter() - t0, 1),
+            info.update(shards=shards, total_bytes=total, seconds=round(time.perf_counter() - t0, 1),
                         date=datetime.datetime.now().isoformat(timespec="seconds"))
             if verify:
-                from .verify import verify_export
-
                 info["verify"] = verify_export(tmp, src)
             atomic_write_text(tmp / "EXPORT.md", export_card(info))
     return info
 
 
+def _check_options(dtype: str, base: str, out: Path, overwrite: bool) -> None:
+    if dtype not in EXPORT_DTYPES:
+        raise QloraError(f"--dtype {dtype!r} is not one of {', '.join(EXPORT_DTYPES)}.")
+    if base not in BASES:
+        raise QloraError(f"--base {base!r} is not one of {', '.join(BASES)}.")
+    if out.exists() and not overwrite:
+        raise QloraError(f"Output folder {str(out)!r} already exists; remove it or choose another --out.")
+
+
+def _original_reader(src: RunSource, keys: list, stack: ExitStack) -> CheckpointReader:
+    """The base checkpoint's tensors, refusing one that lacks any tensor of the model."""
+    reader = CheckpointReader(local_model_dir(src.model, True), stack)
+    missing = [k for k, _ in keys if k not in reader]
+    if missing:
+        raise QloraError(f"Tensor {missing[0]!r} is not in the base checkpoint "
+                         f"({len(missing)} missing); use --base dequantized.")
+    return reader
+
+
+def write_shards(folder: Path, keys: list, reader, adapter: dict, lora_cfg: LoraConfig, out_dtype: torch.dtype,
+                 max_bytes: int, log=print) -> tuple[int, int]:
+    """Write the merged tensors shard by shard (plus the index when sharded); (shards, total bytes).
+
+    Args:
+        folder (Path): where the shards go.
+        keys (list[tuple[str, Tensor]]): `state_keys` of the base model.
+        reader (CheckpointReader | None): original weights; None dequantizes the model's own.
+        adapter (dict): `read_adapter_weights` of the adapter.
+        lora_cfg (LoraConfig): its scale.
+        out_dtype (torch.dtype): the export dtype of floating tensors.
+        max_bytes (int): largest shard.
+        log (callable): progress printer. Default print.
+    """
+    sizes = [(k, logical_shape(t).numel() * _out_dtype(t, out_dtype).itemsize) for k, t in keys]
+    names = shard_names(len(plan := plan_shards(sizes, max_bytes)))
+    tensors = dict(keys)
+    weight_map = {}
+    for shard_keys, fname in zip(plan, names):
+        shard = {}
+        for key in shard_keys:
+            t = tensors[key]
+            w = reader.get(key) if reader is not None else dequantized(t)
+            shard[key] = merge_tensor(key, w, adapter, lora_cfg, _out_dtype(t, out_dtype))
+            del w
+        write_shard(shard, folder / fname)
+        weight_map.update({k: fname for k in shard_keys})
+        log(f"wrote {fname} ({len(shard_keys)} tensors)")
+        del shard
+    total = sum(n for _, n in sizes)
+    if len(names) > 1:
+        atomic_write_json(folder / INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": weight_map})
+    return len(names), total
+
+
 def _out_dtype(t: torch.Tensor, out_dtype: torch.dtype) -> torch.dtype:
-    qs = getattr(t, "quant_state", None)
-    return out_dtype if qs is not None or t.is_floating_point() else t.dtype
+    return out_dtype if is_4bit(t) or t.is_floating_point() else t.dtype
 
 
 def _check_tied_head(model, adapter: dict) -> None:
@@ -322,7 +265,7 @@ def merge_tensor(key: str, w: torch.Tensor, adapter: dict, lora_cfg: LoraConfig,
     return merged_weight(w, ab["lora_A"], ab["lora_B"], lora_cfg.scale).to(dtype).contiguous()
 
 
-def write_metadata(folder: Path, src: ExportSource, dtype: torch.dtype) -> str:
+def write_metadata(folder: Path, src: RunSource, dtype: torch.dtype) -> str:
     """config.json (no quantization_config, the export dtype), generation_config.json, tokenizer.
 
     Returns the prompt format the exported tokenizer implies, for EXPORT.md.

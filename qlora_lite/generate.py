@@ -13,8 +13,12 @@ from pathlib import Path
 
 import torch
 
+from .adapter import load_adapter
 from .errors import QloraError
-from .model import disable_cpu_weight_packing
+from .model import disable_cpu_weight_packing, load_model, load_tokenizer, pick_device, resolve_model_path
+from .recipe import ModelConfig
+from .runfolder import is_adapter_folder, is_run_folder, resolve_source
+from .templates import prompt_ids
 
 DEFAULT_MAX_NEW_TOKENS = 128
 EXIT_COMMAND = "/exit"
@@ -45,29 +49,20 @@ def load_for_generation(path: str, adapter: str | None = None, device: str = "cp
         adapter (str | None): adapter folder to apply on a 4-bit base. Default None.
         device (str): "cpu", "cuda" or "auto". Default "cpu".
     """
-    from .adapter import load_adapter
-    from .export import resolve_source
-    from .model import load_model, load_tokenizer, pick_device, resolve_model_path
-    from .recipe import ModelConfig
-
     device = pick_device(device)
-    p = Path(path)
-    if (p / "recipe.yaml").is_file() or (p / "adapter_config.json").is_file():
-        src = resolve_source(p)
+    if is_run_folder(path) or is_adapter_folder(path):
+        src = resolve_source(path)
         cfg, adapter_dir, template = src.model, Path(adapter or src.adapter_dir), src.chat_template
     elif adapter:
         cfg, adapter_dir, template = ModelConfig(name_or_path=path, gradient_checkpointing=False), Path(adapter), None
     else:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM
 
-        local = resolve_model_path(path)
         try:
-            model = AutoModelForCausalLM.from_pretrained(local, dtype="auto", use_safetensors=True)
-            tok = AutoTokenizer.from_pretrained(local)
+            model = AutoModelForCausalLM.from_pretrained(resolve_model_path(path), dtype="auto", use_safetensors=True)
         except OSError as e:
             raise QloraError(f"Could not load model {path!r}: {e}") from None
-        if tok.pad_token is None:
-            tok.pad_token = tok.eos_token
+        tok = load_tokenizer(ModelConfig(name_or_path=path))
         return Loaded(model.to(device).eval(), tok, None, f"{path} ({model.dtype})")
     model = load_model(replace(cfg, gradient_checkpointing=False), device)
     load_adapter(model, adapter_dir)
@@ -88,21 +83,11 @@ def prompt_to_ids(tokenizer, prompt: str | list[dict], chat_template: str | None
         chat_template (str | None): as `data.chat_template`. Default None.
         raw (bool): tokenize `prompt` as is, no template. Default False.
     """
-    from .templates import prompt_ids, render_alpaca, resolve_template
-
     if raw:
         if not isinstance(prompt, str):
             raise QloraError("raw prompts must be text, not a conversation.")
         return tokenizer(prompt)["input_ids"]
-    if isinstance(prompt, str):
-        return prompt_ids(tokenizer, prompt, chat_template=chat_template)
-    template = resolve_template(chat_template, tokenizer)
-    if template == "alpaca":
-        text, _ = render_alpaca(prompt, tokenizer.eos_token)
-        bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-        return bos + tokenizer(text, add_special_tokens=False)["input_ids"]
-    text = tokenizer.apply_chat_template(prompt, chat_template=template, tokenize=False, add_generation_prompt=True)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+    return prompt_ids(tokenizer, prompt, chat_template=chat_template)
 
 
 # ---------------------------------------------------------------- decoding

@@ -11,7 +11,9 @@ import math
 import torch
 from torch import nn
 
+from .dtypes import torch_dtype
 from .errors import QloraError
+from .quant import logical_numel
 from .recipe import LoraConfig
 
 ADAPTER_PARAM_NAMES = ("lora_A.weight", "lora_B.weight")
@@ -123,19 +125,20 @@ def find_targets(model: nn.Module, target_modules) -> list[str]:
 
 
 def attach_lora(model: nn.Module, cfg: LoraConfig, targets: list[str] | None = None,
-                dtype: torch.dtype = torch.bfloat16) -> list[str]:
+                dtype: torch.dtype | None = None) -> list[str]:
     """Wrap the targeted linears of `model` in LoRALinear, in place; freeze everything else.
 
     Args:
         model (nn.Module): the base model.
-        cfg (LoraConfig): r, alpha, dropout, target_modules, rslora.
+        cfg (LoraConfig): r, alpha, dropout, target_modules, rslora, dtype.
         targets (list[str] | None): explicit module paths; default from cfg.target_modules.
-        dtype (torch.dtype): adapter dtype. Default torch.bfloat16.
+        dtype (torch.dtype | None): overrides cfg.dtype (a parity check's choice). Default None.
 
     Returns:
         list[str]: the adapted module paths.
     """
     targets = find_targets(model, cfg.target_modules) if targets is None else targets
+    dtype = dtype or torch_dtype(cfg.dtype)
     for name in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
@@ -169,12 +172,6 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         out[f"{name}.lora_A.weight"] = m.lora_A.weight.detach()
         out[f"{name}.lora_B.weight"] = m.lora_B.weight.detach()
     return out
-
-
-def logical_numel(p: torch.Tensor) -> int:
-    """Parameters a tensor stands for: a packed 4-bit weight holds two per byte."""
-    qs = getattr(p, "quant_state", None)
-    return qs.shape.numel() if qs is not None else p.numel()
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

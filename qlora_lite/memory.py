@@ -31,7 +31,19 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode, _get_current_dispatch_mode_stack
 from torch.utils._pytree import tree_flatten
 
+from .quant import quant_state_tensors
+
 CATEGORIES = ("base_weights", "lora_params", "gradients", "optimizer_state", "activations", "temporaries")
+LABELS = {
+    "base_weights": "base weights (+ quant constants)",
+    "lora_params": "LoRA parameters",
+    "gradients": "gradients",
+    "optimizer_state": "optimizer state",
+    "activations": "activations saved for backward",
+    "temporaries": "temporaries",
+}
+# What `profile` measures and `estimate` predicts, one column each.
+MODES = ("qlora", "lora", "full")
 
 # Lower number wins: a parameter saved for backward is still a parameter.
 _PRIORITY = {c: i for i, c in enumerate(CATEGORIES)}
@@ -73,16 +85,6 @@ def host_allocations():
     finally:
         for t in trackers:
             t._host_depth -= 1
-
-
-def quant_state_tensors(param) -> list[torch.Tensor]:
-    """The tensors of a bitsandbytes Params4bit's quant_state (absmax, code, nested state)."""
-    qs = getattr(param, "quant_state", None)
-    out = []
-    while qs is not None:
-        out += [t for t in (qs.absmax, qs.code, getattr(qs, "offset", None)) if torch.is_tensor(t)]
-        qs = getattr(qs, "state2", None)
-    return out
 
 
 def module_tensors(model: torch.nn.Module, lora_params=()) -> dict[str, list[torch.Tensor]]:
@@ -135,7 +137,7 @@ class MemoryTracker(TorchDispatchMode):
         self.step = 0
         self._next = 0
         self._hooks = None
-        self._grad_params = []
+        self._grad_params = weakref.WeakSet()  # held weakly: the tracker must not keep a model alive
         for cat, tensors in (params or {}).items():
             self.register(tensors, cat)
 
@@ -154,7 +156,9 @@ class MemoryTracker(TorchDispatchMode):
             serial = self._next
             self._next += 1
             self._serial_of[key] = serial
-            weakref.finalize(st, self._free, key, serial)
+            # The finalizer holds the tracker weakly: a tracker must never keep a mode's tensors
+            # (or itself) alive through the global finalizer registry.
+            weakref.finalize(st, _free_weakly, weakref.ref(self), key, serial)
             if self._host_depth:
                 self._host[serial] = nbytes
                 self.host_total += nbytes
@@ -201,17 +205,27 @@ class MemoryTracker(TorchDispatchMode):
 
     def _watch_grad(self, p: torch.Tensor) -> None:
         if isinstance(p, torch.nn.Parameter) and p.is_leaf:
-            self._grad_params.append(p)
-            p.register_post_accumulate_grad_hook(lambda q: self._mark(q.grad, "gradients"))
+            self._grad_params.add(p)
+            me = weakref.ref(self)
+
+            def mark_grad(q):
+                if me() is not None:  # hooks outlive a finished tracker
+                    me()._mark(q.grad, "gradients")
+
+            p.register_post_accumulate_grad_hook(mark_grad)
 
     def watch_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         """Mark the optimizer's state tensors (bnb paged buffers included) after each step."""
 
+        me = weakref.ref(self)
+
         def post(opt, *_):
+            if me() is None:
+                return
             for state in opt.state.values():
                 for v in state.values():
                     if torch.is_tensor(v):
-                        self._mark(v, "optimizer_state")
+                        me()._mark(v, "optimizer_state")
 
         optimizer.register_step_post_hook(post)
 
@@ -280,3 +294,9 @@ class MemoryTracker(TorchDispatchMode):
         finally:
             self._hooks.__exit__(*exc)
             self._hooks = None
+
+
+def _free_weakly(tracker_ref, key: int, serial: int) -> None:
+    tracker = tracker_ref()
+    if tracker is not None:
+        tracker._free(key, serial)

@@ -12,11 +12,13 @@ from pathlib import Path
 
 import torch
 
+from . import tiny
+from .atomic import atomic_dir
+from .dtypes import DTYPES
 from .errors import QloraError
 from .recipe import ModelConfig, QuantizationConfig
 
 TINY_PREFIX = "qlora-lite:"
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 def cache_root() -> Path:
@@ -47,9 +49,6 @@ def builtin_model(name: str) -> Path:
     """
     import hashlib
     import inspect
-
-    from . import tiny
-    from .atomic import atomic_dir
 
     if name != "tiny-llama":
         raise QloraError(f"Unknown built-in model {TINY_PREFIX}{name}; the built-in model is {TINY_PREFIX}tiny-llama.")
@@ -95,10 +94,7 @@ def load_model(cfg: ModelConfig, device: str = "cpu"):
 
     path = resolve_model_path(cfg.name_or_path)
     q = cfg.quantization
-    quant = bnb_config(q)
-    if quant is not None and q.blocksize != 64:
-        # transformers' integration fixes the blocksize at 64; refuse silently-ignored settings.
-        raise QloraError("model.quantization.blocksize: only 64 is supported by the bitsandbytes loader.")
+    quant = bnb_config(q)  # blocksize 64, the only one recipe.BLOCKSIZES accepts
     try:
         model = AutoModelForCausalLM.from_pretrained(
             path,

@@ -45,3 +45,31 @@ def lr_lambda(kind: str, warmup: int, total: int):
 
 def build_scheduler(optimizer, kind: str, warmup: int, total: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(kind, warmup, total))
+
+
+def restore_paged_state(optimizer) -> None:
+    """Put a loaded bitsandbytes paged optimizer's state back into paged (unified) memory.
+
+    `load_state_dict` gives ordinary tensors, which bitsandbytes then moves onto the GPU as
+    they are: a resumed run would hold its optimizer state in device memory after all. On CUDA
+    each state buffer that bitsandbytes would page (>= 1e5 elements) is copied into a paged
+    buffer; elsewhere (CPU, small tensors, non-paged optimizers) nothing changes.
+    """
+    if not getattr(optimizer, "is_paged", False):
+        return
+    import bitsandbytes.functional as F
+
+    for p, state in optimizer.state.items():
+        if p.device.type != "cuda" or p.numel() < PAGED_MIN_NUMEL:
+            continue
+        for key in ("state1", "state2"):
+            v = state.get(key)
+            if torch.is_tensor(v) and not getattr(v, "is_paged", False):
+                buf = F.get_paged(*v.shape, dtype=v.dtype, device=p.device)
+                buf.copy_(v.to(p.device))
+                optimizer.page_mng.paged_tensors.append(buf)
+                state[key] = buf
+
+
+# bitsandbytes pages the state of parameters with at least this many elements (get_state_buffer).
+PAGED_MIN_NUMEL = 100_000

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import json
 import os
 import types
 import typing
@@ -18,12 +17,19 @@ from typing import Any
 
 import yaml
 
-
+from .atomic import atomic_write_text
 from .errors import QloraError
 
 
 class RecipeError(QloraError):
     """A recipe that cannot run: the message names the field and the fix."""
+
+
+# Names as in qlora_lite.dtypes.DTYPES (kept free of torch here so recipes load fast).
+COMPUTE_DTYPES = ("bfloat16", "float16", "float32")
+LORA_DTYPES = ("bfloat16", "float32")
+# transformers' BitsAndBytesConfig has no blocksize: the loader quantizes with 64.
+BLOCKSIZES = (64,)
 
 
 @dataclass
@@ -36,9 +42,10 @@ class QuantizationConfig:
         quant_type (str): "nf4" (QLoRA) or "fp4". Default "nf4".
         double_quant (bool): also quantize the per-block absmax constants (saves ~0.37
             bits/param). Default True.
-        compute_dtype (str): dtype of the matmuls, "bfloat16" or "float16" (GPUs without
-            bf16, e.g. T4/V100). Default "bfloat16".
-        blocksize (int): elements per quantization block. Default 64.
+        compute_dtype (str): dtype of the matmuls, "bfloat16", "float16" (GPUs without
+            bf16, e.g. T4/V100) or "float32" (exact comparisons on CPU; slow). Default "bfloat16".
+        blocksize (int): elements per quantization block; only 64, which transformers'
+            bitsandbytes integration fixes. Default 64.
     """
 
     bits: int = 4
@@ -50,8 +57,8 @@ class QuantizationConfig:
     def __post_init__(self):
         _check_choice("model.quantization.bits", self.bits, (4, 16))
         _check_choice("model.quantization.quant_type", self.quant_type, ("nf4", "fp4"))
-        _check_choice("model.quantization.compute_dtype", self.compute_dtype, ("bfloat16", "float16", "float32"))
-        _check_choice("model.quantization.blocksize", self.blocksize, (64, 128, 256, 512, 1024, 2048, 4096))
+        _check_choice("model.quantization.compute_dtype", self.compute_dtype, COMPUTE_DTYPES)
+        _check_choice("model.quantization.blocksize", self.blocksize, BLOCKSIZES)
 
 
 @dataclass
@@ -106,7 +113,8 @@ class LoraConfig:
         rslora (bool): rank-stabilised scale alpha / sqrt(r). Default False.
         dtype (str): adapter parameter dtype, "bfloat16" or "float32" (PEFT's default: keeps
             tiny late-schedule updates that bf16 rounds away, at 2x the adapter memory).
-            Default "bfloat16".
+            Recorded in adapter_config.json, so generate and export --verify load the adapter
+            in it; `estimate --lora-dtype` counts it. Default "bfloat16".
     """
 
     r: int = 16
@@ -118,7 +126,7 @@ class LoraConfig:
 
     def __post_init__(self):
         _check_positive("lora.r", self.r)
-        _check_choice("lora.dtype", self.dtype, ("bfloat16", "float32"))
+        _check_choice("lora.dtype", self.dtype, LORA_DTYPES)
         _check_positive("lora.alpha", self.alpha)
         if not 0 <= self.dropout < 1:
             raise RecipeError(f"lora.dropout must be in [0, 1), got {self.dropout!r}.")
@@ -431,10 +439,4 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | tuple = ()) -> R
 
 def save_recipe(recipe: Recipe, path: str | os.PathLike) -> None:
     """Write the resolved recipe as YAML (atomically), so a run folder describes itself."""
-    from .atomic import atomic_write_text
-
     atomic_write_text(path, yaml.safe_dump(recipe.to_dict(), sort_keys=False))
-
-
-def recipe_json(recipe: Recipe) -> str:
-    return json.dumps(recipe.to_dict(), sort_keys=True)

@@ -96,19 +96,22 @@ def _chat_message(m: dict) -> dict:
     return {"role": m["role"], "content": content}
 
 
-def prompt_ids(tokenizer, instruction: str, input: str = "", chat_template: str | None = None) -> list[int]:
-    """Token ids of a one-turn prompt rendered as in training, ready for `generate`.
+def prompt_ids(tokenizer, prompt: str | list[dict], input: str = "", chat_template: str | None = None) -> list[int]:
+    """Token ids of a prompt rendered as in training, ending where the answer starts.
 
     Args:
         tokenizer: a Hugging Face tokenizer.
-        instruction (str): the user's request.
-        input (str): Alpaca context. Default "".
+        prompt (str | list[dict]): the user's request, or a conversation of {role, content}
+            ending with a user turn.
+        input (str): Alpaca context of a one-message prompt. Default "".
         chat_template (str | None): as `data.chat_template`. Default None.
     """
+    msgs = [{"role": "user", "content": prompt, "input": input}] if isinstance(prompt, str) else prompt
     template = resolve_template(chat_template, tokenizer)
-    user = {"role": "user", "content": instruction, "input": input}
     if template == "alpaca":
+        text, _ = render_alpaca(msgs, tokenizer.eos_token)
         bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-        return bos + tokenizer(alpaca_prompt(instruction, input), add_special_tokens=False)["input_ids"]
-    text = tokenizer.apply_chat_template([_chat_message(user)], chat_template=template, tokenize=False, add_generation_prompt=True)
+        return bos + tokenizer(text, add_special_tokens=False)["input_ids"]
+    msgs = [_chat_message(m) for m in msgs]
+    text = tokenizer.apply_chat_template(msgs, chat_template=template, tokenize=False, add_generation_prompt=True)
     return tokenizer(text, add_special_tokens=False)["input_ids"]

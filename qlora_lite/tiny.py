@@ -18,6 +18,10 @@ import os
 import random
 from pathlib import Path
 
+from .atomic import atomic_dir
+from .errors import QloraError
+from .templates import alpaca_prompt
+
 BOS, EOS, PAD = "<s>", "</s>", "<pad>"
 ROLE_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>"]
 
@@ -73,13 +77,8 @@ def build_tiny_model(
         overwrite (bool): replace an existing folder. Default True.
     """
     import torch
-    import transformers
-
-    from .atomic import atomic_dir
 
     if arch not in ARCHS:
-        from .errors import QloraError
-
         raise QloraError(f"tiny model arch {arch!r} is not one of {', '.join(ARCHS)}.")
     out = Path(out_dir)
     if out.exists() and not overwrite:
@@ -87,26 +86,12 @@ def build_tiny_model(
     tokenizer = build_tiny_tokenizer(vocab_size)
     if chat_template:
         tokenizer.chat_template = TINY_CHAT_TEMPLATE if chat_template is True else chat_template
-    common = dict(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden_size,
-        intermediate_size=intermediate_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=num_heads,
-        num_key_value_heads=num_kv_heads,
-        max_position_embeddings=max_position_embeddings,
-        initializer_range=initializer_range,
-        tie_word_embeddings=False,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    if arch == "llama":
-        config, cls = transformers.LlamaConfig(**common), transformers.LlamaForCausalLM
-    elif arch == "mistral":
-        config, cls = transformers.MistralConfig(sliding_window=None, **common), transformers.MistralForCausalLM
-    else:
-        config, cls = transformers.Qwen2Config(use_sliding_window=False, **common), transformers.Qwen2ForCausalLM
+    config, cls = _config_and_class(
+        arch, vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
+        max_position_embeddings=max_position_embeddings, initializer_range=initializer_range,
+        tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id)
     # Seed a private generator state so building a model never disturbs the caller's RNG.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -118,51 +103,61 @@ def build_tiny_model(
     return str(out)
 
 
+def _config_and_class(arch: str, **common):
+    """The transformers config and model class of `arch`, sliding windows off (short demo rows)."""
+    import transformers
+
+    if arch == "llama":
+        return transformers.LlamaConfig(**common), transformers.LlamaForCausalLM
+    if arch == "mistral":
+        return transformers.MistralConfig(sliding_window=None, **common), transformers.MistralForCausalLM
+    return transformers.Qwen2Config(use_sliding_window=False, **common), transformers.Qwen2ForCausalLM
+
+
 def build_tiny_llama(out_dir: str | os.PathLike, **kwargs) -> str:
     """`build_tiny_model(out_dir, arch="llama", **kwargs)`: the demo base model."""
     return build_tiny_model(out_dir, arch="llama", **kwargs)
 
 
 def build_tiny_tokenizer(vocab_size: int = 1024):
-    """Train a byte-level BPE on the demo corpus; return a `PreTrainedTokenizerFast`.
-
-    Byte-level means every string round-trips, not only the demo text. BOS is added by the
-    post-processor like Llama's (the data pipeline tokenizes with add_special_tokens=False).
+    """Train a byte-level BPE on the demo corpus (`train_bpe_tokenizer`), with the chat role tokens.
 
     Args:
         vocab_size (int): vocabulary size including special tokens. Default 1024.
     """
+    return train_bpe_tokenizer(_tokenizer_corpus(), vocab_size, extra_specials=ROLE_TOKENS)
+
+
+def train_bpe_tokenizer(texts: list[str], vocab_size: int, extra_specials=(), model_max_length: int = 1024):
+    """A byte-level BPE trained on `texts` (deterministic), as a `PreTrainedTokenizerFast`.
+
+    Byte-level means every string round-trips, not only the training text. BOS is added by the
+    post-processor like Llama's (the data pipeline tokenizes with add_special_tokens=False).
+
+    Args:
+        texts (list[str]): the training corpus.
+        vocab_size (int): vocabulary size including special tokens.
+        extra_specials (list[str]): special tokens after PAD, BOS, EOS. Default ().
+        model_max_length (int): the tokenizer's length limit. Default 1024.
+    """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
-    specials = [PAD, BOS, EOS, *ROLE_TOKENS]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=specials,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(_tokenizer_corpus(), trainer=trainer)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[PAD, BOS, EOS, *extra_specials],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer=trainer)
     bos_id = tok.token_to_id(BOS)
     tok.post_processor = processors.TemplateProcessing(
-        single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, bos_id)]
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token=BOS,
-        eos_token=EOS,
-        pad_token=PAD,
-        additional_special_tokens=ROLE_TOKENS,
-        model_max_length=1024,
-    )
+        single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, bos_id)])
+    extra = {"additional_special_tokens": list(extra_specials)} if extra_specials else {}
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD,
+                                   model_max_length=model_max_length, **extra)
 
 
 def _tokenizer_corpus() -> list[str]:
-    from .templates import alpaca_prompt
-
     rows = demo_rows()
     return [alpaca_prompt(r["instruction"], r["input"]) + r["output"] for r in rows]
 

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
-if TYPE_CHECKING:
-    from .export import ExportSource
+from .adapter import load_adapter
+from .generate import greedy_ids, prompt_to_ids
+from .model import load_model
+from .runfolder import RunSource
 
 VERIFY_PROMPTS = (
     "What is the capital of France?",
@@ -19,21 +20,17 @@ VERIFY_PROMPTS = (
 VERIFY_NEW_TOKENS = 8  # enough to see greedy paths diverge, cheap on CPU
 
 
-def verify_export(export_dir: str | Path, src: ExportSource, prompts=VERIFY_PROMPTS,
+def verify_export(export_dir: str | Path, src: RunSource, prompts=VERIFY_PROMPTS,
                   new_tokens: int = VERIFY_NEW_TOKENS) -> dict:
     """Logit differences and greedy agreement: plain-transformers export vs 4-bit base + adapter.
 
     Args:
         export_dir (str | Path): the exported folder.
-        src (ExportSource): the base and adapter it came from.
+        src (RunSource): the base and adapter it came from.
         prompts (tuple[str]): prompts to compare on. Default VERIFY_PROMPTS.
         new_tokens (int): greedy tokens generated per prompt. Default VERIFY_NEW_TOKENS.
     """
     from transformers import AutoModelForCausalLM
-
-    from .adapter import load_adapter
-    from .generate import greedy_ids
-    from .model import load_model
 
     exported = AutoModelForCausalLM.from_pretrained(str(export_dir), dtype="auto").eval()
     ref = load_model(replace(src.model, gradient_checkpointing=False))
@@ -57,8 +54,6 @@ def verify_export(export_dir: str | Path, src: ExportSource, prompts=VERIFY_PROM
 def _verify_inputs(export_dir, vocab_size: int, prompts) -> list[torch.Tensor]:
     """Tokenized prompts, or seeded random ids when the model has no tokenizer."""
     from transformers import AutoTokenizer
-
-    from .generate import prompt_to_ids
 
     try:
         tok = AutoTokenizer.from_pretrained(str(export_dir))

@@ -62,6 +62,24 @@ def test_packed_rows_train_like_the_block_diagonal_mask(tiny_llama):
     assert (grads - want_grads).norm() / want_grads.norm() < 2e-2
 
 
+def test_sample_bounds_are_read_once_per_forward_and_kept_nowhere(tiny_llama, monkeypatch):
+    """Two layers, recomputed under checkpointing: one read per forward, no module-level cache."""
+    import qlora_lite.attention as attention
+
+    calls = []
+    real = attention.sample_bounds
+    monkeypatch.setattr(attention, "sample_bounds", lambda pos: calls.append(pos) or real(pos))
+    before = {k: v for k, v in vars(attention).items() if not k.startswith("__")}
+    model = adapted_model(tiny_llama)
+    use_packed_attention(model)
+    use_packed_attention(model)  # a second call adds no second hook
+    rows = [[sample(20, 0), sample(33, 1)], [sample(40, 3)]]
+    for _ in range(2):
+        loss_and_grads(model, collate(rows, 0, packed_mask="position_ids"))
+    assert len(calls) == 2
+    assert {k: v for k, v in vars(attention).items() if not k.startswith("__")} == before
+
+
 def test_eval_and_unpacked_batches_are_unchanged(tiny_llama):
     model = adapted_model(tiny_llama)
     batch = collate([[sample(30, 5)], [sample(12, 6)]], 0)  # right padding, 2D mask

@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from qlora_lite.batching import collate, iter_batches, pack_rows, packed_attention_mask, plan_batches
+from qlora_lite.batching import collate, pack_rows, packed_attention_mask, plan_batches
 from qlora_lite.data import IGNORE_INDEX
 
 
@@ -121,13 +121,3 @@ def test_packed_logits_equal_unpacked(tiny_llama, impl, packed_mask):
         counts = [sum(t != IGNORE_INDEX for t in s["labels"][1:]) for s in samples]
         expected = sum(o.loss * c for o, c in zip(single, counts)) / sum(counts)
         torch.testing.assert_close(packed_loss, expected, atol=1e-5, rtol=1e-5)
-
-
-def test_iter_batches_resumes_at_position():
-    samples = fake_samples([3, 4, 5, 6, 7])
-    plan = plan_batches(samples, 2, seed=0, epoch=0)
-    all_batches = list(iter_batches(samples, plan, pad_id=0))
-    resumed = list(iter_batches(samples, plan, pad_id=0, start=1))
-    assert len(resumed) == len(all_batches) - 1
-    for a, b in zip(all_batches[1:], resumed):
-        assert torch.equal(a["input_ids"], b["input_ids"])

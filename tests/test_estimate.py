@@ -7,7 +7,8 @@ import torch
 import transformers
 
 from qlora_lite.errors import QloraError
-from qlora_lite.estimate import MODES, Settings, estimate, estimate_mode, load_arch, nf4_bytes, parse_size
+from qlora_lite.estimate import (MODES, Settings, estimate, estimate_mode, gpu_mem_bytes, load_arch, nf4_bytes,
+                                 settings_from_recipe)
 from qlora_lite.profile import measure_mode
 from qlora_lite.recipe import recipe_from_dict
 
@@ -43,10 +44,10 @@ def models(tmp_path_factory):
     return {name: _build(root / name, arch, dims) for name, arch, dims, _ in CASES}
 
 
-def _recipe(path, knobs):
+def _recipe(path, knobs, lora_dtype="bfloat16"):
     return recipe_from_dict({
         "model": {"name_or_path": path},
-        "lora": {"r": knobs["r"], "alpha": 2 * knobs["r"], "dropout": knobs["dropout"]},
+        "lora": {"r": knobs["r"], "alpha": 2 * knobs["r"], "dropout": knobs["dropout"], "dtype": lora_dtype},
         "train": {k: knobs[k] for k in ("optimizer", "loss_chunk_size", "grad_accum")},
     })
 
@@ -77,13 +78,32 @@ def test_estimate_matches_measured_peaks(models):
     assert worst <= TOLERANCE, "\n".join(rows)
 
 
+@pytest.mark.parametrize("case", [0, 1])
+def test_fp32_adapters_are_estimated_as_measured(models, case):
+    """lora.dtype float32: 4-byte adapters and gradients (torch AdamW state too), as profile measures."""
+    name, _, _, knobs = CASES[case]
+    recipe = _recipe(models[name], knobs, lora_dtype="float32")
+    s = settings_from_recipe(recipe, seq_len=96, device="cpu")
+    assert s == Settings(**{**_settings(96, knobs).__dict__, "lora_dtype": "float32"})
+    arch = load_arch(models[name])
+    bf16 = estimate_mode(arch, _settings(96, knobs), "qlora")["bytes"]
+    for mode in ("qlora", "lora"):
+        measured = measure_mode(recipe, mode, steps=2, seq_len=96)["peak"]
+        predicted = estimate_mode(arch, s, mode)
+        for c in ("base_weights", "lora_params", "optimizer_state"):
+            assert predicted["bytes"][c] == measured["bytes"][c], (name, mode, c)
+        assert abs(predicted["total"] / measured["total"] - 1) <= TOLERANCE
+    fp32 = estimate_mode(arch, s, "qlora")["bytes"]
+    assert fp32["lora_params"] == 2 * bf16["lora_params"] and fp32["gradients"] == 2 * bf16["gradients"]
+
+
 def test_nf4_is_about_4_127_bits_per_parameter():
     n = 4096 * 11008
     assert nf4_bytes(n) * 8 / n == pytest.approx(4.127, abs=0.001)
 
 
 def test_llama_2_7b_prediction():
-    result = estimate("llama-2-7b", Settings(seq_len=2048), gpu_mem=parse_size("24GB"))
+    result = estimate("llama-2-7b", Settings(seq_len=2048), gpu_mem=gpu_mem_bytes("24GiB"))
     q, full = result["modes"]["qlora"], result["modes"]["full"]
     assert result["arch"]["hidden_size"] == 4096
     assert 3.4e9 < q["bytes"]["base_weights"] < 3.9e9  # 6.7B parameters, mostly at 4.127 bits
@@ -100,6 +120,8 @@ def test_load_arch_inputs(tmp_path, models):
     assert load_arch(folder).vocab_size == load_arch(f"{folder}/config.json").vocab_size == 2000
     with pytest.raises(QloraError, match="not a config.json"):
         load_arch(str(tmp_path / "missing"))
-    assert parse_size("24GB") == parse_size("24GiB") == 24 * 2**30
+    assert gpu_mem_bytes("24GiB") == 24 * 2**30 and gpu_mem_bytes("24GB") == 24 * 10**9
     with pytest.raises(QloraError, match="--gpu-mem"):
-        parse_size("lots")
+        gpu_mem_bytes("lots")
+    with pytest.raises(QloraError, match="give a unit"):
+        gpu_mem_bytes("24")

@@ -16,7 +16,7 @@ import qlora_lite.export as export_mod
 from qlora_lite.adapter import save_adapter
 from qlora_lite.cli import main
 from qlora_lite.errors import QloraError
-from qlora_lite.export import export_model, parse_size, plan_shards
+from qlora_lite.export import export_model, plan_shards
 from qlora_lite.lora import attach_lora, lora_modules
 from qlora_lite.model import load_model
 from qlora_lite.recipe import DataConfig, LoraConfig, ModelConfig, QuantizationConfig, Recipe, save_recipe
@@ -261,11 +261,7 @@ def test_small_max_shard_size_gives_several_shards_and_an_index(run_llama, expor
     assert got.keys() == ref.keys() and all(torch.equal(got[k], ref[k]) for k in ref)
 
 
-def test_parse_size_and_plan():
-    assert parse_size("2GB") == 2 * 10**9 and parse_size("500MB") == 5 * 10**8 and parse_size("1GiB") == 2**30
-    assert parse_size("10kb") == 10_000 and parse_size(123) == 123
-    with pytest.raises(QloraError, match="max-shard-size"):
-        parse_size("2 gigs")
+def test_plan_shards_groups_keys_in_order():
     assert plan_shards([("a", 5), ("b", 5), ("c", 20), ("d", 1)], 10) == [["a", "b"], ["c"], ["d"]]
 
 

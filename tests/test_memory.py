@@ -85,3 +85,21 @@ def test_freed_storage_leaves_the_total():
         del view
         assert tracker.total == 0
     assert tracker.peak == 4000
+
+
+def test_a_finished_tracker_neither_keeps_a_model_alive_nor_breaks_its_next_backward():
+    import gc
+    import weakref
+
+    lin = torch.nn.Linear(8, 8)
+    for _ in range(2):  # the first tracker's hooks are still on the weights when the second one runs
+        tracker = MemoryTracker({"lora_params": list(lin.parameters())})
+        with tracker:
+            lin(torch.randn(2, 8)).sum().backward()
+        assert tracker.current().bytes["gradients"] > 0
+        del tracker
+        gc.collect()
+    ref = weakref.ref(lin.weight)
+    del lin
+    gc.collect()
+    assert ref() is None

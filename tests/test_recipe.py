@@ -91,3 +91,35 @@ def test_every_field_is_documented_in_docs_recipes_md():
         part = doc.split(f"## `{name}`")[1].split("\n## ")[0]
         for f in dataclasses.fields(cls):
             assert f"| `{f.name}` |" in part, f"{name}.{f.name} is missing from docs/recipes.md"
+
+
+def _doc_row(key: str) -> str:
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "recipes.md").read_text()
+    part = doc.split("## `model.quantization`")[1].split("\n## ")[0]
+    return next(line for line in part.splitlines() if line.startswith(f"| `{key}` |"))
+
+
+def test_compute_dtypes_accepted_are_the_documented_ones_and_the_loader_knows_them():
+    import re
+
+    from qlora_lite.dtypes import DTYPES
+    from qlora_lite.recipe import COMPUTE_DTYPES, LORA_DTYPES, QuantizationConfig
+
+    meaning = _doc_row("compute_dtype").split("|")[4]
+    documented = set(re.findall(r'"(\w+)"', meaning))
+    assert documented == set(COMPUTE_DTYPES) and set(COMPUTE_DTYPES) | set(LORA_DTYPES) <= set(DTYPES)
+    with pytest.raises(RecipeError, match="compute_dtype"):
+        QuantizationConfig(compute_dtype="fp16")
+
+
+def test_blocksize_accepts_only_what_the_loader_quantizes_with(tiny_llama):
+    from qlora_lite.model import load_model
+    from qlora_lite.recipe import BLOCKSIZES, ModelConfig, QuantizationConfig
+
+    assert "only 64" in _doc_row("blocksize")
+    with pytest.raises(RecipeError, match="blocksize"):
+        recipe_from_dict(with_("model", quantization={"blocksize": 128}))
+    for bs in BLOCKSIZES:
+        m = load_model(ModelConfig(name_or_path=tiny_llama, quantization=QuantizationConfig(blocksize=bs)))
+        sizes = {p.quant_state.blocksize for p in m.parameters() if getattr(p, "quant_state", None) is not None}
+        assert sizes == {bs}

@@ -123,6 +123,8 @@ def child(run: str, out: str, base_mode: str, max_shard_size: str) -> None:
 
 
 def main() -> None:
+    from qlora_lite.units import parse_size
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out-dir", required=True, help="scratch folder (base model, run, exports: ~5 GB)")
     ap.add_argument("--hidden", type=int, default=2048)
@@ -151,7 +153,7 @@ def main() -> None:
         r = json.loads(p.stdout.strip().splitlines()[-1])
         r["base_checkpoint_bytes"] = base_bytes
         results.append(r)
-        shard = min(r["export_bytes"], __import__("qlora_lite.export", fromlist=["x"]).parse_size(args.max_shard_size))
+        shard = min(r["export_bytes"], parse_size(args.max_shard_size))
         print(f"\n--base {mode}, --max-shard-size {args.max_shard_size} ({r['shards']} shards), "
               f"{r['total_seconds']:.0f} s")
         print(f"  bf16 model {base_bytes / GB:.2f} GB; loaded base in memory {r['model_bytes'] / GB:.2f} GB; "

@@ -46,31 +46,14 @@ LOSS_WINDOW = 0.25
 # ---------------------------------------------------------------- the shared model and rows
 
 
-def build_tokenizer(texts: list[str], vocab_size: int):
-    """A byte-level BPE trained on `texts` (deterministic), as a PreTrainedTokenizerFast."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    from qlora_lite.tiny import BOS, EOS, PAD
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[PAD, BOS, EOS],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(texts, trainer=trainer)
-    tok.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", special_tokens=[(BOS, tok.token_to_id(BOS))])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD,
-                                   model_max_length=4096)
-
-
 def prepare(args) -> tuple[Path, Path]:
     """Write (once per settings) the model folder and the rows file under --work-dir."""
     import torch
     import transformers
 
-    from qlora_lite.data import alpaca_prompt
     from qlora_lite.atomic import atomic_dir, atomic_write_json
+    from qlora_lite.data import alpaca_prompt
+    from qlora_lite.tiny import train_bpe_tokenizer
 
     rows = json.loads(Path(args.data).read_text())
     work = Path(args.work_dir)
@@ -83,7 +66,7 @@ def prepare(args) -> tuple[Path, Path]:
     if (model_dir / "config.json").exists():
         return model_dir, rows_file
     texts = [alpaca_prompt(r["instruction"], r.get("input") or "") + r["output"] for r in rows]
-    tokenizer = build_tokenizer(texts, args.vocab)
+    tokenizer = train_bpe_tokenizer(texts, args.vocab, model_max_length=4096)
     config = transformers.LlamaConfig(
         vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.hidden * 11 // 4 // 64 * 64,
         num_hidden_layers=args.layers, num_attention_heads=args.hidden // 64, num_key_value_heads=args.hidden // 64,

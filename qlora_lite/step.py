@@ -1,0 +1,149 @@
+"""One optimizer step: micro-batches forward and backward, clip, optimizer step.
+
+`run` (train.fit), `profile` (profile.measure_mode) and tools/measure_7b.py all call
+`train_step`, so what the profile measures is what training executes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .errors import QloraError
+from .loss import IGNORE_INDEX, causal_lm_loss
+
+
+class NonFiniteLoss(QloraError):
+    """The loss became NaN or inf; the optimizer step was not taken."""
+
+
+@dataclass
+class StepResult:
+    """What one optimizer step reports.
+
+    Args:
+        loss (float): mean loss per trained token over the whole step.
+        trained (int): trained tokens of the step (the loss's normaliser).
+        grad_norm (float): gradient norm before clipping.
+    """
+
+    loss: float
+    trained: int
+    grad_norm: float
+
+
+def _no_phase(name: str) -> None:
+    """Default phase hook: nothing is measured."""
+
+
+def autocast_context(device: str, compute_dtype: str):
+    """bf16/fp16 autocast on CUDA. On CPU the base and adapters are already in the compute
+    dtype, so autocast would only add casts."""
+    if device.startswith("cuda") and compute_dtype != "float32":
+        dtype = torch.bfloat16 if compute_dtype == "bfloat16" else torch.float16
+        return torch.autocast("cuda", dtype=dtype)
+    return contextlib.nullcontext()
+
+
+def count_trained(labels: torch.Tensor) -> int:
+    """Tokens that carry a loss after the one-token shift (read on the host batch: no sync)."""
+    return int((labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+def to_device(batch: dict, device: str) -> dict:
+    """Copy a host batch to `device`; pinned and non-blocking on CUDA so the copy overlaps compute."""
+    if not device.startswith("cuda"):
+        return batch
+    return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def train_step(model, batches: list[dict], params: list[torch.Tensor], optimizer, *, device: str,
+               max_grad_norm: float, loss_chunk_size: int, autocast=None, scaler=None,
+               normalizer: int | None = None, phase: Callable[[str], None] = _no_phase) -> StepResult:
+    """Forward and backward every micro-batch, then clip and step the optimizer.
+
+    The loss is normalised by the trained tokens of the whole step, not per micro-batch, so
+    gradient accumulation weighs every trained token the same. A NaN/inf loss raises
+    NonFiniteLoss before the optimizer touches the weights.
+
+    Args:
+        model: the LoRA-wrapped model, in train mode.
+        batches (list[dict]): host (CPU) micro-batches: input_ids, labels, optional masks.
+        params (list[Tensor]): the trainable parameters (clipped together).
+        optimizer: a torch/bitsandbytes optimizer over `params`.
+        device (str): where the model is.
+        max_grad_norm (float): clip threshold; 0 reports the norm without clipping.
+        loss_chunk_size (int): see loss.chunked_cross_entropy.
+        autocast: context manager for the forward (autocast_context); Default none.
+        scaler (torch.amp.GradScaler | None): fp16 loss scaling. Default None.
+        normalizer (int | None): trained tokens the loss is divided by. Default: those of
+            `batches` (a data-parallel run passes the count of the global step).
+        phase (callable): called with "forward", "backward", "optimizer" as the step
+            proceeds (the memory tracker's phases). Default: nothing.
+    """
+    autocast = autocast or contextlib.nullcontext()
+    trained = sum(count_trained(b["labels"]) for b in batches)
+    denom = max(normalizer if normalizer is not None else trained, 1)
+    step_loss = torch.zeros((), device=device)
+    for batch in batches:
+        phase("forward")
+        with autocast:
+            loss_sum, _ = causal_lm_loss(model, to_device(batch, device), loss_chunk_size)
+        phase("backward")
+        scaled = loss_sum / denom
+        (scaler.scale(scaled) if scaler is not None else scaled).backward()
+        step_loss += loss_sum.detach()
+        del loss_sum, scaled
+    phase("optimizer")
+    loss = step_loss.item() / max(trained, 1)  # the one host sync of the step
+    if not math.isfinite(loss):
+        optimizer.zero_grad(set_to_none=True)
+        raise NonFiniteLoss(f"loss is {loss}")
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    grad_norm = clip_grad_norm(params, max_grad_norm)
+    if scaler is not None:
+        scaler.step(optimizer)  # skips the step when fp16 gradients overflowed
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return StepResult(loss=loss, trained=trained, grad_norm=grad_norm)
+
+
+def clip_grad_norm(params, max_norm: float) -> float:
+    """Clip to `max_norm` (0: no clipping) and return the norm before clipping."""
+    grads = [p for p in params if p.grad is not None]
+    if max_norm > 0:
+        return float(torch.nn.utils.clip_grad_norm_(grads, max_norm))
+    if not grads:
+        return 0.0
+    return float(torch.linalg.vector_norm(torch.stack([p.grad.float().norm() for p in grads])))
+
+
+def grad_scaler(compute_dtype: str, lora_dtype: str, device: str):
+    """The GradScaler fp16 compute needs (None otherwise), after checking the precision fits the device.
+
+    bf16 is the default compute dtype; a GPU without it (T4, V100) must say float16, and fp16
+    training keeps fp32 adapters and scales the loss, as PEFT + the Trainer do: fp16 adapter
+    weights and their optimizer updates would underflow.
+
+    Args:
+        compute_dtype (str): model.quantization.compute_dtype.
+        lora_dtype (str): lora.dtype.
+        device (str): the resolved device.
+    """
+    if device.startswith("cuda") and compute_dtype == "bfloat16" and not torch.cuda.is_bf16_supported():
+        raise QloraError(f"{torch.cuda.get_device_name()} has no bfloat16 support; set "
+                         "model.quantization.compute_dtype: float16 and lora.dtype: float32 "
+                         "(fp16 compute with fp32 adapters and loss scaling).")
+    if compute_dtype != "float16":
+        return None
+    if lora_dtype != "float32":
+        raise QloraError(f"model.quantization.compute_dtype: float16 needs lora.dtype: float32 (got {lora_dtype}): "
+                         "fp16 training keeps the adapters in fp32 and scales the loss, as PEFT + Trainer do.")
+    return torch.amp.GradScaler(device.split(":")[0])
