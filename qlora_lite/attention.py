@@ -53,18 +53,25 @@ def add_sample_bounds(decoder, args, kwargs):
 
 
 def causal_attention(q, k, v, dropout: float = 0.0, scale: float | None = None) -> torch.Tensor:
-    """Causal attention of one sample: [1, H, n, D] each -> [1, H, n, D].
+    """Causal attention of one sample: q [1, H, n, D], k and v [1, H_kv, n, D] -> [1, H, n, D].
 
-    On CPU the SDPA kernel is 2-3x slower than two matmuls and a softmax for short samples
-    (it is tuned for long ones), so those take the plain path, softmax in fp32 as in eager.
+    Grouped-query heads are never copied H/H_kv times (transformers' repeat_kv): SDPA takes
+    them with enable_gqa, and the CPU path folds each group's query heads into one matmul. On
+    CPU the SDPA kernel is 2-3x slower than two matmuls and a softmax for short samples (it is
+    tuned for long ones), so those take the plain path, softmax in fp32 as in eager.
     """
-    n = q.shape[2]
+    _, heads, n, d = q.shape
+    kv_heads = k.shape[1]
     if q.device.type != "cpu" or n > CPU_MATMUL_ATTENTION_MAX or dropout > 0:
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=scale)
-    scores = torch.matmul(q, k.transpose(-1, -2)) * (q.shape[-1] ** -0.5 if scale is None else scale)
-    future = torch.ones(n, n, dtype=torch.bool, device=q.device).triu_(1)
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=scale,
+                                              enable_gqa=kv_heads != heads)
+    groups = heads // kv_heads
+    # Query head h attends with key/value head h // groups: stack each group's rows.
+    qg = q.reshape(1, kv_heads, groups * n, d)
+    scores = torch.matmul(qg, k.transpose(-1, -2)) * (d ** -0.5 if scale is None else scale)
+    future = torch.ones(n, n, dtype=torch.bool, device=q.device).triu_(1).repeat(groups, 1)
     probs = torch.softmax(scores.float().masked_fill_(future, float("-inf")), dim=-1)
-    return torch.matmul(probs.to(q.dtype), v)
+    return torch.matmul(probs.to(q.dtype), v).reshape(1, heads, n, d)
 
 
 def packed_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
@@ -82,14 +89,12 @@ def packed_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0,
 
     Returns: ([B, L, H, D] attention output, None)
     """
-    from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     same_length = query.shape[2] == key.shape[2]
     if not (module.training and position_ids is not None and same_length):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, position_ids=position_ids, **kwargs)
-    groups = getattr(module, "num_key_value_groups", 1)
-    key, value = repeat_kv(key, groups), repeat_kv(value, groups)
     rows = []
     bounds = packed_sample_bounds if packed_sample_bounds is not None else sample_bounds(position_ids)
     for b, spans in enumerate(bounds):

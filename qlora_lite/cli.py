@@ -53,12 +53,14 @@ def run(recipe, overrides, resume, overwrite, demo):
 @click.option("--verify", is_flag=True, help="Compare the export's logits with the 4-bit base + adapter.")
 @click.option("--model", "model", default=None, help="Base model, overriding the run's recipe / adapter_config.json.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out folder.")
-def export(source, out, dtype, base, max_shard_size, verify, model, overwrite):
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]),
+              help="Where the base is quantized and --verify runs; auto: the kind the run trained on, if present.")
+def export(source, out, dtype, base, max_shard_size, verify, model, overwrite, device):
     """Merge the adapter of SOURCE (a run or adapter folder) into its base; write a HF model folder."""
     from .export import export_model
 
     info = export_model(source, out, dtype=dtype, base=base, max_shard_size=max_shard_size, model=model,
-                        verify=verify, overwrite=overwrite, log=lambda m: click.echo(m, err=True))
+                        verify=verify, overwrite=overwrite, log=lambda m: click.echo(m, err=True), device=device)
     click.echo(f"exported {info['merged_modules']} merged modules, {info['shards']} shard(s), "
                f"{info['total_bytes'] / 1e9:.3f} GB to {out} in {info['seconds']} s")
     v = info.get("verify")
@@ -79,7 +81,8 @@ def export(source, out, dtype, base, max_shard_size, verify, model, overwrite):
 @click.option("--top-p", default=1.0, show_default=True, type=float)
 @click.option("--seed", default=None, type=int, help="Seeds sampling.")
 @click.option("--raw", is_flag=True, help="Feed --prompt as is, without the chat/Alpaca template.")
-@click.option("--device", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda", "auto"]))
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]),
+              help="auto: the GPU when there is one.")
 def generate(source, adapter, prompt, chat, max_new_tokens, temperature, top_p, seed, raw, device):
     """Generate from SOURCE: a run folder, an adapter folder, or a model folder (e.g. an export)."""
     from .generate import chat_loop, generate_text, load_for_generation

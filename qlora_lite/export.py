@@ -24,7 +24,7 @@ from .atomic import atomic_dir, atomic_write_json, atomic_write_text
 from .dtypes import SHORT_NAMES, torch_dtype
 from .errors import QloraError
 from .lora import merged_weight
-from .model import load_model, resolve_model_path
+from .model import load_model, pick_device, resolve_model_path
 from .quant import dequantized, is_4bit, logical_shape
 from .recipe import LoraConfig, ModelConfig
 from .runfolder import RunSource, resolve_source
@@ -123,10 +123,24 @@ def local_model_dir(cfg: ModelConfig, weights: bool) -> Path:
     return Path(snapshot_download(cfg.name_or_path, revision=cfg.revision, allow_patterns=patterns))
 
 
-def load_base(cfg: ModelConfig, base: str):
+def quantize_device(src: RunSource, device: str = "auto") -> str:
+    """Where the base is quantized for a `dequantized` export: on the kind of device the run
+    trained on when one is present. The CUDA and CPU NF4 kernels round a few weights to the
+    neighbouring code, so this reproduces the NF4 weights training saw exactly.
+
+    Args:
+        src (RunSource): the source; its `trained_on`.
+        device (str): "auto", "cpu" or "cuda". Default "auto".
+    """
+    if device != "auto":
+        return pick_device(device)
+    return "cuda" if src.trained_on == "cuda" and torch.cuda.is_available() else "cpu"
+
+
+def load_base(cfg: ModelConfig, base: str, device: str = "cpu"):
     """The model whose state is exported: NF4 as in training, or an empty (meta) one for `original`."""
     if base == "dequantized":
-        return load_model(cfg)
+        return load_model(cfg, device)
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(local_model_dir(cfg, False), trust_remote_code=cfg.trust_remote_code)
@@ -139,7 +153,7 @@ def load_base(cfg: ModelConfig, base: str):
 
 def export_model(source: str | Path, out: str | Path, dtype: str = "bf16", base: str = "dequantized",
                  max_shard_size: str | int = "2GB", model: str | None = None, verify: bool = False,
-                 overwrite: bool = False, log=print) -> dict:
+                 overwrite: bool = False, log=print, device: str = "auto") -> dict:
     """Merge the adapter of a run (or a bare adapter) into its base; write a Hugging Face folder.
 
     Args:
@@ -154,6 +168,8 @@ def export_model(source: str | Path, out: str | Path, dtype: str = "bf16", base:
         verify (bool): compare the export's logits with the 4-bit base + adapter. Default False.
         overwrite (bool): replace an existing `out`. Default False.
         log (callable): progress printer. Default print.
+        device (str): where the base is quantized and verify runs: "auto" (the kind of device
+            the run trained on, when present), "cpu" or "cuda". Default "auto".
 
     Returns:
         dict: what EXPORT.md records (shards, bytes, merged modules, seconds, verify numbers).
@@ -167,13 +183,15 @@ def export_model(source: str | Path, out: str | Path, dtype: str = "bf16", base:
     out_dtype = torch_dtype(dtype)
     t0 = time.perf_counter()
 
-    base_model = load_base(src.model, base)
+    device = quantize_device(src, device)
+    base_model = load_base(src.model, base, device)
     check_adapter_fits(base_model, adapter)
     keys = state_keys(base_model)
     _check_tied_head(base_model, adapter)
     info = {"source": str(source), "kind": src.kind, "base_model": src.model.name_or_path,
             "adapter": str(src.adapter_dir), "base": base, "dtype": dtype,
-            "merged_modules": len(adapter), "scale": lora_cfg.scale, "r": lora_cfg.r, "alpha": lora_cfg.alpha}
+            "merged_modules": len(adapter), "scale": lora_cfg.scale, "r": lora_cfg.r, "alpha": lora_cfg.alpha,
+            "trained_on": src.trained_on, "quantized_on": device}
 
     with ExitStack() as stack:
         reader = _original_reader(src, keys, stack) if base == "original" else None
@@ -184,7 +202,7 @@ def export_model(source: str | Path, out: str | Path, dtype: str = "bf16", base:
             info.update(shards=shards, total_bytes=total, seconds=round(time.perf_counter() - t0, 1),
                         date=datetime.datetime.now().isoformat(timespec="seconds"))
             if verify:
-                info["verify"] = verify_export(tmp, src)
+                info["verify"] = verify_export(tmp, src, device=device)
             atomic_write_text(tmp / "EXPORT.md", export_card(info))
     return info
 
@@ -231,7 +249,8 @@ def write_shards(folder: Path, keys: list, reader, adapter: dict, lora_cfg: Lora
         for key in shard_keys:
             t = tensors[key]
             w = reader.get(key) if reader is not None else dequantized(t)
-            shard[key] = merge_tensor(key, w, adapter, lora_cfg, _out_dtype(t, out_dtype))
+            # Merged where the base lives (the GPU when quantized there), written from host memory.
+            shard[key] = merge_tensor(key, w, adapter, lora_cfg, _out_dtype(t, out_dtype)).cpu()
             del w
         write_shard(shard, folder / fname)
         weight_map.update({k: fname for k in shard_keys})
@@ -309,6 +328,9 @@ def export_card(info: dict) -> str:
         f"- adapter: `{info['adapter']}` ({info['kind']}; r={info['r']}, alpha={info['alpha']:g}, "
         f"scale={info['scale']:g}, {info['merged_modules']} modules merged)",
         f"- base weights: {info['base']} - {mode}",
+        f"- NF4 quantized on: {info['quantized_on']} (trained on: {info['trained_on'] or 'unknown'})"
+        + (" - not the training device: the CPU and CUDA kernels round a few weights to the neighbouring "
+           "NF4 code" if info["trained_on"] and info["trained_on"] != info["quantized_on"].split(":")[0] else ""),
         f"- merge: W + scale * B @ A in fp32, cast once to {info['dtype']}; never re-quantized",
         f"- prompt format: {info['prompt_format']}",
         f"- shards: {info['shards']}, {info['total_bytes'] / 1e9:.3f} GB",

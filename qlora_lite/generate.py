@@ -41,13 +41,13 @@ class Loaded:
     description: str
 
 
-def load_for_generation(path: str, adapter: str | None = None, device: str = "cpu") -> Loaded:
+def load_for_generation(path: str, adapter: str | None = None, device: str = "auto") -> Loaded:
     """Load a run folder, an adapter folder, or a model folder / name (+ optional adapter).
 
     Args:
         path (str): run folder (recipe.yaml + adapter/), PEFT adapter folder, or model.
         adapter (str | None): adapter folder to apply on a 4-bit base. Default None.
-        device (str): "cpu", "cuda" or "auto". Default "cpu".
+        device (str): "auto" (the GPU when there is one), "cpu" or "cuda". Default "auto".
     """
     device = pick_device(device)
     if is_run_folder(path) or is_adapter_folder(path):

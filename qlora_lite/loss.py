@@ -20,7 +20,7 @@ def _chunk_loss(h: torch.Tensor, weight: torch.Tensor, target: torch.Tensor) -> 
 
 
 def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                          chunk_size: int = 1024) -> tuple[torch.Tensor, int]:
+                          chunk_size: int = 1024, positions: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
     """Summed next-token cross-entropy and the number of tokens it covers.
 
     Args:
@@ -28,6 +28,8 @@ def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: to
         weight (Tensor): [V, H] output embedding (lm_head) weight.
         labels (Tensor): [B, T] token ids, IGNORE_INDEX where no loss; shifted here.
         chunk_size (int): tokens per chunk; 0 computes all logits at once. Default 1024.
+        positions (Tensor | None): `label_positions(labels)` computed on the host batch, so
+            selecting the labelled rows needs no device-to-host sync. Default: computed here.
 
     Returns:
         (loss_sum, n_tokens): divide by the step's token count, not the micro-batch's, so
@@ -35,9 +37,12 @@ def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: to
     """
     h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
     target = labels[:, 1:].reshape(-1)
-    keep = target != IGNORE_INDEX
-    h, target = h[keep], target[keep]
-    n = int(target.numel())
+    if positions is None:
+        keep = target != IGNORE_INDEX
+        h, target = h[keep], target[keep]
+    else:
+        h, target = h.index_select(0, positions), target.index_select(0, positions)
+    n = int(target.shape[0])  # a shape, known on the host
     if n == 0:
         return hidden.sum() * 0.0, 0
     if chunk_size <= 0 or n <= chunk_size:
@@ -58,7 +63,7 @@ def causal_lm_loss(model, batch: dict, chunk_size: int) -> tuple[torch.Tensor, i
         batch (dict): input_ids, labels, and optionally attention_mask / position_ids.
         chunk_size (int): see `chunked_cross_entropy`.
     """
-    inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")}
+    inputs = {k: v for k, v in batch.items() if k in MODEL_INPUTS}
     if not plain_linear_head(model):
         # The model shapes its logits (a head bias, soft-capping, scaling): let it, then score.
         logits = model(**inputs, use_cache=False).logits
@@ -69,7 +74,18 @@ def causal_lm_loss(model, batch: dict, chunk_size: int) -> tuple[torch.Tensor, i
         return loss, n
     out = model.get_decoder()(**inputs, use_cache=False)
     return chunked_cross_entropy(out.last_hidden_state, model.get_output_embeddings().weight,
-                                 batch["labels"], chunk_size)
+                                 batch["labels"], chunk_size, batch.get(LABEL_POSITIONS))
+
+
+# What the decoder takes from a batch; `packed_sample_bounds` is read once per forward by the
+# packed attention (attention.BOUNDS_KWARG).
+MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "packed_sample_bounds")
+LABEL_POSITIONS = "label_positions"
+
+
+def label_positions(labels: torch.Tensor) -> torch.Tensor:
+    """Flat indices of the shifted targets that carry a loss (call it on the host batch)."""
+    return (labels[:, 1:].reshape(-1) != IGNORE_INDEX).nonzero().squeeze(1)
 
 
 # Config fields with which a model's logits are more than hidden @ lm_head.weight.T.

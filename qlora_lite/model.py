@@ -79,7 +79,8 @@ def pick_device(device: str = "auto") -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
-        raise QloraError("train.device is 'cuda' but no CUDA GPU is visible; set train.device: auto or cpu.")
+        raise QloraError("Device 'cuda' was asked for (train.device or --device) but no CUDA GPU is visible; "
+                         "use auto or cpu.")
     return device
 
 

@@ -27,12 +27,15 @@ class RunSource:
         adapter_dir (Path): PEFT-format adapter folder.
         kind (str): "run" (a run folder with recipe.yaml) or "adapter" (a bare adapter).
         chat_template (str | None): the recipe's data.chat_template, None when unknown.
+        trained_on (str | None): "cuda" or "cpu", the device the run trained on (its summary.json),
+            None when unknown.
     """
 
     model: ModelConfig
     adapter_dir: Path
     kind: str
     chat_template: str | None = None
+    trained_on: str | None = None
 
 
 def is_run_folder(path: str | Path) -> bool:
@@ -43,6 +46,17 @@ def is_run_folder(path: str | Path) -> bool:
 def is_adapter_folder(path: str | Path) -> bool:
     """Whether `path` holds a PEFT adapter_config.json."""
     return (Path(path) / CONFIG_NAME).is_file()
+
+
+def trained_on(run_dir: Path) -> str | None:
+    """The device kind a run trained on, from its summary.json (None before the run finished)."""
+    import json
+
+    try:
+        device = json.loads((run_dir / "summary.json").read_text()).get("device")
+    except (OSError, ValueError):
+        return None
+    return device.split(":")[0] if isinstance(device, str) else None
 
 
 def resolve_source(path: str | Path, model: str | None = None) -> RunSource:
@@ -64,7 +78,7 @@ def resolve_source(path: str | Path, model: str | None = None) -> RunSource:
         if model:
             cfg = replace(cfg, name_or_path=model)
         template = recipe.data.chat_template if recipe.data is not None else None
-        return RunSource(cfg, adapter_dir, "run", template)
+        return RunSource(cfg, adapter_dir, "run", template, trained_on(p))
     if is_adapter_folder(p):
         _, raw = read_adapter_config(p)
         name = model or raw.get("base_model_name_or_path")

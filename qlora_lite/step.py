@@ -14,7 +14,9 @@ from typing import Callable
 import torch
 
 from .errors import QloraError
-from .loss import IGNORE_INDEX, causal_lm_loss
+from .attention import BOUNDS_KWARG, sample_bounds
+from .data import IGNORE_INDEX
+from .loss import LABEL_POSITIONS, causal_lm_loss, label_positions
 
 
 class NonFiniteLoss(QloraError):
@@ -55,10 +57,18 @@ def count_trained(labels: torch.Tensor) -> int:
 
 
 def to_device(batch: dict, device: str) -> dict:
-    """Copy a host batch to `device`; pinned and non-blocking on CUDA so the copy overlaps compute."""
+    """Copy a host batch to `device`: pinned and non-blocking on CUDA so the copy overlaps compute.
+
+    What the forward would otherwise read back from the GPU (a host sync each) is taken from the
+    host batch first: the positions of the labelled tokens and the packed samples' bounds.
+    """
     if not device.startswith("cuda"):
         return batch
-    return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
+    out = {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
+    out[LABEL_POSITIONS] = label_positions(batch["labels"]).pin_memory().to(device, non_blocking=True)
+    if "position_ids" in batch:
+        out[BOUNDS_KWARG] = sample_bounds(batch["position_ids"])
+    return out
 
 
 def train_step(model, batches: list[dict], params: list[torch.Tensor], optimizer, *, device: str,

@@ -122,3 +122,26 @@ def test_a_packed_training_run_logs_the_dense_mask_loss(tmp_path):
     with torch.no_grad():
         loss, n = causal_lm_loss(load_model(recipe.model).train(), batch, recipe.train.loss_chunk_size)
     assert first["step"] == 1 and first["loss"] == pytest.approx(loss.item() / n, rel=2e-3)
+
+
+@pytest.mark.parametrize("n", [7, 600])
+def test_grouped_query_heads_attend_without_copies_like_repeated_ones(n):
+    g = torch.Generator().manual_seed(n)
+    q = torch.randn(1, 8, n, 16, generator=g).to(torch.bfloat16)
+    k, v = (torch.randn(1, 2, n, 16, generator=g).to(torch.bfloat16) for _ in range(2))
+    want = F.scaled_dot_product_attention(q.float(), k.float().repeat_interleave(4, 1),
+                                          v.float().repeat_interleave(4, 1), is_causal=True)
+    torch.testing.assert_close(causal_attention(q, k, v).float(), want, atol=2e-2, rtol=2e-2)
+
+
+def test_host_batch_gives_label_positions_and_bounds_without_reading_the_device():
+    from qlora_lite.loss import chunked_cross_entropy, label_positions
+
+    rows = [[sample(20, 0), sample(9, 2)], [sample(15, 4)]]
+    batch = collate(rows, 0, packed_mask="position_ids")
+    assert sample_bounds(batch["position_ids"])[0] == [(0, 20), (20, 29)]
+    hidden = torch.randn(2, batch["labels"].shape[1], 16)
+    weight = torch.randn(320, 16)
+    want = chunked_cross_entropy(hidden, weight, batch["labels"], 8)
+    got = chunked_cross_entropy(hidden, weight, batch["labels"], 8, label_positions(batch["labels"]))
+    assert got[1] == want[1] and torch.equal(got[0], want[0])
