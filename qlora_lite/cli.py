@@ -169,13 +169,16 @@ def profile(recipe, modes, steps, seq_len, batch_size, out_dir, overrides, memor
               help="Data-parallel GPUs; the prediction is per GPU.")
 @click.option("--strategy", default="ddp", show_default=True, type=click.Choice(["ddp", "fsdp"]),
               help="ddp: every GPU holds the whole model; fsdp: weights, adapters and optimizer state sharded.")
+@click.option("--offload", is_flag=True, help="model.offload_activations: layer inputs in host memory.")
+@click.option("--tiled-mlp", default=None, is_flag=False, flag_value="auto", metavar="[N|auto]",
+              help="model.tiled_mlp: the MLP (and norms) over N tiles of tokens; alone: auto.")
 def estimate(model, seq_len, batch_size, lora_r, optimizer, loss_chunk_size, grad_accum, lora_dtype, gpu_mem,
-             as_json, dora, gpus, strategy):
+             as_json, dora, gpus, strategy, offload, tiled_mlp):
     """Predict peak memory per mode for MODEL (a shipped name such as llama-2-7b, a folder,
     a config.json, or a Hub id) from its architecture alone."""
     import json as _json
 
-    from .estimate import Settings, estimate as run_estimate, format_table, gpu_mem_bytes
+    from .estimate import Settings, estimate as run_estimate, format_table, gpu_mem_bytes, parse_tiles
 
     if strategy == "fsdp" and gpus > 1:
         from .fsdp import check_fsdp_optimizer
@@ -184,7 +187,7 @@ def estimate(model, seq_len, batch_size, lora_r, optimizer, loss_chunk_size, gra
     optimizer = optimizer or ("adamw" if strategy == "fsdp" and gpus > 1 else "paged_adamw_8bit")
     s = Settings(seq_len=seq_len, batch_size=batch_size, lora_r=lora_r, optimizer=optimizer,
                  loss_chunk_size=loss_chunk_size, grad_accum=grad_accum, lora_dtype=lora_dtype, dora=dora,
-                 gpus=gpus, strategy=strategy)
+                 gpus=gpus, strategy=strategy, offload_activations=offload, tiled_mlp=parse_tiles(tiled_mlp))
     result = run_estimate(model, s, gpu_mem_bytes(gpu_mem) if gpu_mem else None)
     click.echo(_json.dumps(result, indent=2) if as_json else format_table(result))
 

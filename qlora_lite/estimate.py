@@ -82,6 +82,9 @@ class Settings:
         gpus (int): data-parallel processes; the estimate is per GPU (the largest rank). Default 1.
         strategy (str): "ddp" (every GPU holds everything) or "fsdp" (base, adapters,
             gradients and optimizer state sharded; see estimate_parallel). Default "ddp".
+        offload_activations (bool): model.offload_activations: layer inputs wait in host memory.
+            Default False.
+        tiled_mlp (int | str): model.tiled_mlp: 0, N tiles or "auto". Default 0.
     """
 
     seq_len: int = 2048
@@ -96,6 +99,8 @@ class Settings:
     dora: bool = False
     gpus: int = 1
     strategy: str = "ddp"
+    offload_activations: bool = False
+    tiled_mlp: int | str = 0
 
     def __post_init__(self):
         if self.lora_dtype not in LORA_DTYPES:
@@ -119,7 +124,8 @@ def settings_from_recipe(recipe: Recipe, seq_len: int | None = None, device: str
     return Settings(seq_len=seq_len or (recipe.data.max_seq_len if recipe.data else 2048),
                     batch_size=t.micro_batch_size, lora_r=recipe.lora.r, lora_dropout=recipe.lora.dropout,
                     optimizer=t.optimizer, loss_chunk_size=t.loss_chunk_size, grad_accum=t.grad_accum,
-                    device=device, lora_dtype=recipe.lora.dtype, dora=recipe.lora.use_dora)
+                    device=device, lora_dtype=recipe.lora.dtype, dora=recipe.lora.use_dora,
+                    offload_activations=recipe.model.offload_activations, tiled_mlp=recipe.model.tiled_mlp)
 
 
 def load_arch(model: str) -> Arch:
@@ -274,23 +280,31 @@ def loss_bytes(a: Arch, s: Settings, mode: str) -> tuple[int, int]:
 
 
 def estimate_mode(a: Arch, s: Settings, mode: str) -> dict:
-    """Predicted peak breakdown of one mode: {"bytes": {category: n}, "total", "phase"}."""
+    """Predicted peak breakdown of one mode: {"bytes": {category: n}, "total", "phase", "host"}."""
     if mode not in MODES:
         raise QloraError(f"mode {mode!r} must be one of {', '.join(MODES)}.")
     tokens = s.batch_size * s.seq_len
     b = {c: 0 for c in CATEGORIES}
     b.update(persistent(a, s, mode))
-    # Checkpoint boundaries: every layer's input, rotary cos/sin, token and position ids.
-    boundaries = (a.num_hidden_layers * BF16 * a.hidden_size + 2 * BF16 * a.head_dim + 8) * tokens + 8 * s.seq_len
-    recompute = layer_recompute_per_token(a, s, mode) * tokens + dora_layer_bytes(a, s, mode)
-    moments = {"backward (layer recompute)": (0, recompute),
-               "backward (loss)": loss_bytes(a, s, mode)}
-    if mode != "full":
-        # Backward through the MLP's down projection: gate/up outputs and their gradients are
-        # alive, and bitsandbytes dequantizes the whole bf16 weight for the input gradient.
-        down = (2 * a.intermediate_size - 4 * a.hidden_size - 2 * s.lora_r) * tokens
-        dequant = BF16 * a.hidden_size * a.intermediate_size if mode == "qlora" else 0
-        moments["backward (MLP down projection)"] = (0, moments["backward (layer recompute)"][1] + down + dequant)
+    # Checkpoint boundaries: every layer's input (unless offloaded), rotary cos/sin, token and position ids.
+    inputs = a.num_hidden_layers * BF16 * a.hidden_size * tokens
+    boundaries = (2 * BF16 * a.head_dim + 8) * tokens + 8 * s.seq_len + (0 if s.offload_activations else inputs)
+    if tiled_mlp_tokens(a, s) < tokens:
+        moments = tiled_moments(a, s, mode)
+    else:
+        recompute = layer_recompute_per_token(a, s, mode) * tokens + dora_layer_bytes(a, s, mode)
+        moments = {"backward (layer recompute)": (0, recompute),
+                   "backward (loss)": loss_bytes(a, s, mode)}
+        if mode != "full":
+            # Backward through the MLP's down projection: gate/up outputs and their gradients are
+            # alive, and bitsandbytes dequantizes the whole bf16 weight for the input gradient.
+            down = (2 * a.intermediate_size - 4 * a.hidden_size - 2 * s.lora_r) * tokens
+            dequant = BF16 * a.hidden_size * a.intermediate_size if mode == "qlora" else 0
+            moments["backward (MLP down projection)"] = (0, moments["backward (layer recompute)"][1] + down + dequant)
+    if s.offload_activations:
+        # Backward brings back the input of the layer it recomputes and prefetches the one below.
+        back = min(2, a.num_hidden_layers) * BF16 * a.hidden_size * tokens
+        moments = {k: (saved, temp + (0 if k == "backward (loss)" else back)) for k, (saved, temp) in moments.items()}
     n = s.batch_size * (s.seq_len - 1)
     if mode == "full" and 0 < s.loss_chunk_size < n:
         # Each chunk makes its own lm_head weight gradient; autograd sums them pairwise.
@@ -309,12 +323,68 @@ def estimate_mode(a: Arch, s: Settings, mode: str) -> dict:
         b["gradients"], b["temporaries"] = temp, 0
     else:
         b["gradients"] = grads
-    single = {"bytes": b, "total": sum(b.values()), "phase": phase}
+    single = {"bytes": b, "total": sum(b.values()), "phase": phase, "host": host_bytes(a, s)}
     if s.gpus > 1:  # per GPU of a data-parallel run
         from .estimate_parallel import per_gpu
 
         return per_gpu(a, s, mode, single)
     return single
+
+
+def host_bytes(a: Arch, s: Settings) -> int:
+    """Host memory the offloaded layer inputs take at the end of the forward pass.
+
+    On CUDA they are pinned, and torch's pinned allocator rounds every block up to a power
+    of two, so a layer input of 0.6 GiB takes 1 GiB of host RAM.
+    """
+    if not s.offload_activations:
+        return 0
+    one = BF16 * a.hidden_size * s.batch_size * s.seq_len
+    if s.device == "cuda":
+        one = 1 << (one - 1).bit_length()
+    return a.num_hidden_layers * one
+
+
+def tiled_mlp_tokens(a: Arch, s: Settings) -> int:
+    """Tokens per MLP tile under `s.tiled_mlp` (all tokens when untiled)."""
+    from .tiled_mlp import tile_count
+
+    tokens = s.batch_size * s.seq_len
+    if not s.tiled_mlp:
+        return tokens
+    return math.ceil(tokens / tile_count(tokens, a.hidden_size, s.tiled_mlp))
+
+
+def tiled_moments(a: Arch, s: Settings, mode: str) -> dict:
+    """The moments of `estimate_mode` when the MLP and the RMSNorms run tiled (tiled_mlp.py).
+
+    While the last layer's MLP runs backward, the layer holds per token what its attention
+    saved (rotated q and k, v, the attention output and log-sum-exp, the adapters' inputs and
+    dropout masks), the bf16 inputs of the post-attention norm and of the MLP, and the MLP's
+    output and input gradients; one tile holds what an untiled MLP would per token (and
+    bitsandbytes' dequantized weight). Terms read off tracker runs (tests/test_long_context.py).
+    """
+    h, i, q, kv = a.hidden_size, a.intermediate_size, a.num_attention_heads * a.head_dim, a.num_key_value_heads * a.head_dim
+    tokens, tile = s.batch_size * s.seq_len, tiled_mlp_tokens(a, s)
+    cpu, drop = s.device != "cuda", s.lora_dropout > 0 and mode != "full"
+    mask = BF16 if cpu else 1
+    lin = layer_linears(a)
+    if drop:
+        attn_in = sum((BF16 + mask) * d_in for d_in, _, _ in lin[:4])
+        mlp_in = sum((BF16 + mask) * d_in for d_in, _, _ in lin[4:]) + (BF16 * i if cpu else 0)  # CPU bernoulli scratch
+    else:
+        attn_in, mlp_in = BF16 * (h + q), BF16 * (h + i)
+    adapters = 2 * s.lora_r * 4 if mode != "full" else 0
+    resident = 4 * q + 4 * kv + 4 * a.num_attention_heads + adapters + attn_in + 4 * BF16 * h
+    per_tile = 10 * i + 4 * h + mlp_in
+    extra = BF16 * h * i if mode == "qlora" else 0  # the dequantized weight of one projection
+    if mode == "full":
+        extra = 3 * 4 * h * i  # fp32 sums of the MLP weights' gradients over tiles
+    saved, temp = loss_bytes(a, s, mode)
+    # The final norm keeps its bf16 input instead of an fp32 copy and rsqrt.
+    saved -= (4 * h + 4 + (4 * h if mode == "full" else 0) - BF16 * h) * tokens
+    return {"backward (layer, tiled MLP)": (0, resident * tokens + per_tile * tile + extra),
+            "backward (loss)": (saved, temp)}
 
 
 def fits(total: int, gpu_mem: float) -> bool:
@@ -342,6 +412,15 @@ def gpu_mem_bytes(text: str) -> int:
     return n
 
 
+def parse_tiles(text: str | None) -> int | str:
+    """`--tiled-mlp` value: None -> 0 (off), "auto", or a number of tiles."""
+    if text is None or text == "auto":
+        return text or 0
+    if not text.isdigit():
+        raise QloraError(f"--tiled-mlp {text!r}: give a number of tiles or auto.")
+    return int(text)
+
+
 def estimate(model: str, settings: Settings, gpu_mem: float | None = None, modes=MODES) -> dict:
     """Predictions for every mode, with fit answers when `gpu_mem` is given (JSON-ready)."""
     a = load_arch(model)
@@ -352,7 +431,20 @@ def estimate(model: str, settings: Settings, gpu_mem: float | None = None, modes
             r["fits"] = fits(r["total"], gpu_mem)
             r["max_seq_len"] = largest(a, settings, m, gpu_mem, "seq_len", a.max_position_embeddings)
             r["max_batch_size"] = largest(a, settings, m, gpu_mem, "batch_size", 4096)
+            r["max_seq_len_by_technique"] = largest_by_technique(a, settings, m, gpu_mem)
         out["modes"][m] = r
+    return out
+
+
+TECHNIQUES = {"plain": (False, 0), "offload": (True, 0), "tiled MLP": (False, "auto"), "offload + tiled MLP": (True, "auto")}
+
+
+def largest_by_technique(a: Arch, s: Settings, mode: str, gpu_mem: float) -> dict:
+    """Largest seq len (up to max_position_embeddings) with and without each long-context technique."""
+    out = {}
+    for name, (offload, tiled) in TECHNIQUES.items():
+        t = Settings(**{**asdict(s), "offload_activations": offload, "tiled_mlp": tiled})
+        out[name] = largest(a, t, mode, gpu_mem, "seq_len", a.max_position_embeddings)
     return out
 
 
@@ -360,10 +452,13 @@ def format_table(result: dict) -> str:
     """A markdown table: categories as rows, modes as columns, plus fit answers."""
     modes = list(result["modes"])
     s = result["settings"]
-    lines = [f"{result['model']}: seq {s['seq_len']}, batch {s['batch_size']}, {'DoRA' if s.get('dora') else 'LoRA'} r={s['lora_r']} all-linear "
-             f"({s.get('lora_dtype', 'bfloat16')}), "
-             f"{s['optimizer']}, loss chunk {s['loss_chunk_size']}, gradient checkpointing"
-             + (f"; per GPU of {s['gpus']} ({s['strategy']})" if s.get("gpus", 1) > 1 else ""), "",
+    long = (", offloaded" if s.get("offload_activations") else "") + (
+        f", tiled MLP {s['tiled_mlp']}" if s.get("tiled_mlp") else "")
+    lines = [f"{result['model']}: seq {s['seq_len']}, batch {s['batch_size']}, "
+             f"{'DoRA' if s.get('dora') else 'LoRA'} r={s['lora_r']} all-linear ({s.get('lora_dtype', 'bfloat16')}), "
+             f"{s['optimizer']}, loss chunk {s['loss_chunk_size']}, gradient checkpointing{long}"
+             + (f"; per GPU of {s['gpus']} ({s['strategy']})" if s.get("gpus", 1) > 1 else "")
+             + "; device bytes (host bytes on the last row)", "",
              "| | " + " | ".join(modes) + " |", "|---|" + "---:|" * len(modes)]
     for c in CATEGORIES:
         lines.append(f"| {LABELS[c]} | " + " | ".join(gib(result["modes"][m]["bytes"][c]) for m in modes) + " |")
@@ -375,4 +470,10 @@ def format_table(result: dict) -> str:
                      + " | ".join(str(result["modes"][m]["max_seq_len"]) for m in modes) + " |")
         lines.append(f"| largest batch (seq {s['seq_len']}) | "
                      + " | ".join(str(result["modes"][m]["max_batch_size"]) for m in modes) + " |")
+        for t in TECHNIQUES:
+            lines.append(f"| largest seq len, {t} | "
+                         + " | ".join(str(result["modes"][m]["max_seq_len_by_technique"][t]) for m in modes) + " |")
+    if s.get("offload_activations"):
+        lines.append("| host RAM for offloaded checkpoints | " + " | ".join(gib(result["modes"][m]["host"]) for m in modes)
+                     + " |")
     return "\n".join(lines)

@@ -14,18 +14,21 @@ storage turned out to be over its life:
 - temporaries: everything else (recomputed layers, dequantized weights, loss buffers).
 
 The peak is the maximum over time of total live bytes; `breakdown()` splits the storages
-alive at that moment. torch's own MemTracker is not used: it fails on frozen parameters.
+alive at that moment. Storages made inside `host_allocations()` (the offloaded activation
+checkpoints of `offload.py`) are host memory: counted apart, with their own peak, never in
+the device total, so that on the CPU a run is measured the way a GPU would hold it. torch's own MemTracker is not used: it fails on frozen parameters.
 It sees what ops return, not scratch memory an op frees before returning, so an
 allocator's peak (CUDA) is a little higher; `profile.py` reports both.
 """
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 from dataclasses import dataclass, field
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, _get_current_dispatch_mode_stack
 from torch.utils._pytree import tree_flatten
 
 from .quant import quant_state_tensors
@@ -55,15 +58,33 @@ class MemoryBreakdown:
         total (int): sum of `bytes`, the tracker's peak.
         phase (str): the phase the peak happened in ("forward", "backward", "optimizer", ...).
         step (int): the step the peak happened in (0-based).
+        host (int): host bytes (offloaded activations) alive at that moment. Default 0.
+        host_peak (int): the most host bytes alive at any moment. Default 0.
     """
 
     bytes: dict = field(default_factory=lambda: {c: 0 for c in CATEGORIES})
     total: int = 0
     phase: str = ""
     step: int = 0
+    host: int = 0
+    host_peak: int = 0
 
     def to_dict(self) -> dict:
-        return {"bytes": dict(self.bytes), "total": self.total, "phase": self.phase, "step": self.step}
+        return {"bytes": dict(self.bytes), "total": self.total, "phase": self.phase, "step": self.step,
+                "host": self.host, "host_peak": self.host_peak}
+
+
+@contextlib.contextmanager
+def host_allocations():
+    """Storages created inside count as host memory for every active MemoryTracker."""
+    trackers = [m for m in _get_current_dispatch_mode_stack() if isinstance(m, MemoryTracker)]
+    for t in trackers:
+        t._host_depth += 1
+    try:
+        yield
+    finally:
+        for t in trackers:
+            t._host_depth -= 1
 
 
 def module_tensors(model: torch.nn.Module, lora_params=()) -> dict[str, list[torch.Tensor]]:
@@ -103,6 +124,11 @@ class MemoryTracker(TorchDispatchMode):
         self._live = {}  # serial -> nbytes
         self._marks = {}  # serial -> category (strongest seen so far)
         self._born = {}  # serial -> phase it was allocated in, while live
+        self._host = {}  # serial -> nbytes, for live host storages (never in _live)
+        self._host_depth = 0  # > 0 inside host_allocations()
+        self.host_total = 0
+        self.host_peak = 0
+        self._peak_host = 0
         self.total = 0
         self.peak = 0
         self._peak_live = {}
@@ -132,12 +158,19 @@ class MemoryTracker(TorchDispatchMode):
             serial = self._next
             self._next += 1
             self._serial_of[key] = serial
-            self._live[serial] = nbytes
-            self._born[serial] = self.phase
-            self.total += nbytes
             # The finalizer holds the tracker weakly: a tracker must never keep a mode's tensors
             # (or itself) alive through the global finalizer registry.
             weakref.finalize(st, _free_weakly, weakref.ref(self), key, serial)
+            if self._host_depth:
+                self._host[serial] = nbytes
+                self.host_total += nbytes
+                self.host_peak = max(self.host_peak, self.host_total)
+                return serial
+            self._live[serial] = nbytes
+            self._born[serial] = self.phase
+            self.total += nbytes
+        elif serial in self._host:
+            return serial
         elif self._live[serial] != nbytes:  # resized in place (out= ops)
             self.total += nbytes - self._live[serial]
             self._live[serial] = nbytes
@@ -158,16 +191,18 @@ class MemoryTracker(TorchDispatchMode):
             self.peak = self.total
             self._peak_live = dict(self._live)
             self._peak_where = (self.phase, self.step)
+            self._peak_host = self.host_total
 
     def _free(self, key: int, serial: int) -> None:
         if self._serial_of.get(key) == serial:
             del self._serial_of[key]
         self.total -= self._live.pop(serial, 0)
+        self.host_total -= self._host.pop(serial, 0)
         self._born.pop(serial, None)
 
     def _mark(self, t, category: str) -> None:
         serial = self._track(t)
-        if serial is None:
+        if serial is None or serial in self._host:
             return
         old = self._marks.get(serial)
         if old is None or _PRIORITY[category] < _PRIORITY[old]:
@@ -224,6 +259,7 @@ class MemoryTracker(TorchDispatchMode):
         self.peak = self.total
         self._peak_live = dict(self._live)
         self._peak_where = (self.phase, self.step)
+        self._peak_host = self.host_peak = self.host_total
 
     # ------------------------------------------------------------ results
 
@@ -236,7 +272,8 @@ class MemoryTracker(TorchDispatchMode):
     def breakdown(self) -> MemoryBreakdown:
         """Bytes per category of the storages alive at the peak."""
         b = self._split(self._peak_live)
-        return MemoryBreakdown(bytes=b, total=sum(b.values()), phase=self._peak_where[0], step=self._peak_where[1])
+        return MemoryBreakdown(bytes=b, total=sum(b.values()), phase=self._peak_where[0], step=self._peak_where[1],
+                               host=self._peak_host, host_peak=self.host_peak)
 
     def current(self) -> MemoryBreakdown:
         """Bytes per category alive now."""
@@ -244,7 +281,8 @@ class MemoryTracker(TorchDispatchMode):
             if p.grad is not None:
                 self._mark(p.grad, "gradients")
         b = self._split(self._live)
-        return MemoryBreakdown(bytes=b, total=sum(b.values()), phase=self.phase, step=self.step)
+        return MemoryBreakdown(bytes=b, total=sum(b.values()), phase=self.phase, step=self.step,
+                               host=self.host_total, host_peak=self.host_peak)
 
     # ------------------------------------------------------------ dispatch
 

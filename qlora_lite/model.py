@@ -115,7 +115,20 @@ def load_model(cfg: ModelConfig, device: str = "cpu"):
     model.config.use_cache = False
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model)
+    apply_long_context(model, cfg)
     return model
+
+
+def apply_long_context(model, cfg: ModelConfig) -> None:
+    """Offloaded checkpoints and the tiled MLP, as the recipe asks (see offload.py, tiled_mlp.py)."""
+    if cfg.offload_activations:
+        from .offload import offload_checkpoints
+
+        offload_checkpoints(model)
+    if cfg.tiled_mlp:
+        from .tiled_mlp import tile_mlps
+
+        tile_mlps(model, cfg.tiled_mlp)
 
 
 def disable_cpu_weight_packing(model) -> None:

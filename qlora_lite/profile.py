@@ -229,6 +229,8 @@ def mode_markdown(r: dict) -> list[str]:
     for c in CATEGORIES:
         lines.append(f"| {LABELS[c]} | {gib(p['bytes'][c])} | {100 * p['bytes'][c] / max(p['total'], 1):.1f}% |")
     lines.append(f"| **total at peak** (tracker) | **{gib(p['total'])}** | 100% |")
+    if p.get("host_peak"):  # offloaded activation checkpoints: host RAM, not device memory
+        lines.append(f"| host memory (offloaded checkpoints), most at once | {gib(p['host_peak'])} | |")
     if r.get("predicted_total"):
         lines.append(f"| estimate's prediction | {gib(r['predicted_total'])} | |")
     if "cuda_max_allocated" in r:

@@ -71,6 +71,13 @@ class ModelConfig:
         revision (str | None): Hub revision (branch, tag or commit). Default None.
         trust_remote_code (bool): run modelling code shipped with the checkpoint. Default False.
         gradient_checkpointing (bool): recompute activations in backward. Default True.
+        offload_activations (bool): keep each decoder layer's checkpointed input in (pinned)
+            host memory between forward and backward, prefetched back for its recompute; needs
+            gradient_checkpointing. Frees layers x tokens x hidden x 2 bytes of device memory
+            for as much host RAM (see `qlora-lite estimate --offload`). Default False.
+        tiled_mlp (int | str): run each MLP (and the RMSNorms) over this many tiles of tokens
+            (forward, recompute and backward), or "auto" for tiles of hidden_size tokens (at
+            least 1024); 0 is off. Bounds the MLP intermediates at long context. Default 0.
         quantization (QuantizationConfig): the `model.quantization` section below.
     """
 
@@ -78,11 +85,19 @@ class ModelConfig:
     revision: str | None = None
     trust_remote_code: bool = False
     gradient_checkpointing: bool = True
+    offload_activations: bool = False
+    tiled_mlp: int | str = 0
     quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
 
     def __post_init__(self):
         if not self.name_or_path:
             raise RecipeError("model.name_or_path is required: a local model folder or a Hub id.")
+        if self.offload_activations and not self.gradient_checkpointing:
+            raise RecipeError("model.offload_activations offloads the checkpointed layer inputs, so it needs "
+                              "model.gradient_checkpointing: true.")
+        if self.tiled_mlp != "auto" and not (isinstance(self.tiled_mlp, int) and self.tiled_mlp >= 0):
+            raise RecipeError(f"model.tiled_mlp must be 0 (off), a number of tiles >= 1, or 'auto'; "
+                              f"got {self.tiled_mlp!r}.")
 
 
 @dataclass
