@@ -150,6 +150,11 @@ def load_checkpoint(path: str | Path, model, optimizer, scheduler, scaler=None) 
     return state
 
 
+def load_file(path: Path, fix: str = "delete this checkpoint to resume from the one before it"):
+    """A checkpoint file onto the CPU (written on a GPU, it loads anywhere), errors named by file."""
+    return torch_load(path, fix, map_location="cpu")
+
+
 def _load_state(file: Path, target, fix: str) -> None:
     """load_state_dict from a torch file; a file of another kind is named, not a KeyError."""
     _apply_state(file, torch_load(file, fix, map_location="cpu"), target, fix)

@@ -25,7 +25,7 @@ import torch
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from .adapter import read_adapter_weights
-from .checkpoint import _load
+from .checkpoint import load_file
 from .distributed import World
 from .errors import QloraError
 from .lora import lora_modules
@@ -121,11 +121,11 @@ def load_sharded(ckpt, model, optimizer, scheduler, scaler=None) -> dict:
         for name, m in lora_modules(model).items():
             for key, p in (("lora_A", m.lora_A.weight), ("lora_B", m.lora_B.weight)):
                 load_shard(p, weights[name][key])
-    osd = _load(ckpt / "optimizer.pt")
+    osd = load_file(ckpt / "optimizer.pt")
     set_optimizer_state_dict(model, optimizer, osd, options=StateDictOptions(full_state_dict=True))
-    scheduler.load_state_dict(_load(ckpt / "scheduler.pt"))
+    scheduler.load_state_dict(load_file(ckpt / "scheduler.pt"))
     if scaler is not None and (ckpt / "scaler.pt").is_file():
-        scaler.load_state_dict(_load(ckpt / "scaler.pt"))
+        scaler.load_state_dict(load_file(ckpt / "scaler.pt"))
     state = json.loads((ckpt / "trainer_state.json").read_text())
     random.setstate(_py_rng_from_json(state.pop("python_rng")))
     return state
