@@ -233,6 +233,9 @@ def launch(nproc: int, cli_args: list[str]) -> int:
     # Its own session: a terminal's Ctrl-C reaches only us, and we pass exactly one SIGINT on
     # (two would make torchrun cut its graceful shutdown short).
     proc = subprocess.Popen(torchrun_command(nproc, cli_args), env=env, start_new_session=True)
+    # Python leaves SIGINT ignored when it started ignored (a job started in the background by a
+    # non-interactive shell): set the handler ourselves so Ctrl-C (or kill -INT) always reaches us.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     interrupted = False
     while True:
         try:

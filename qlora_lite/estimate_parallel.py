@@ -14,7 +14,7 @@ the largest rank's (rank 0 holds the first, full-size block of every parameter).
 
 from __future__ import annotations
 
-from .estimate import BF16, Arch, Settings, layer_linears, nf4_bytes, optimizer_bytes
+from .estimate_inputs import BF16, Arch, Settings, layer_linears, nf4_bytes, optimizer_bytes
 
 STRATEGIES = ("ddp", "fsdp")
 
