@@ -2,10 +2,10 @@
 
 A packed row of n samples under one [L, L] block-diagonal mask pays for L^2 scores, most of
 them masked out, and the masked kernel is the slow one. In training, `packed_sdpa` splits each
-row where its position_ids restart at 0 and runs causal attention on each sample's own slice:
-sum(n_i^2) work and no mask, the same result (what flash-attention's varlen kernel does on a
-GPU). Right padding needs no mask either: causal attention never looks ahead, and padded
-positions carry no loss.
+row where its position_ids restart at 0 and runs causal attention within each sample: sum(n_i^2)
+work (m^2 per sample for the padded kernel) and no mask, the same result. Right padding needs
+no mask either: causal attention never looks ahead, and padded positions carry no loss. Which
+kernel does it (qlora_lite/packed_kernels.py) is `attention_kernel`'s one rule.
 
 Outside training (eval, generation with a cache or left padding) it is plain SDPA with the
 mask transformers builds, so `use_packed_attention(model)` is safe to leave on.
@@ -13,16 +13,65 @@ mask transformers builds, so `use_packed_attention(model)` is safe to leave on.
 
 from __future__ import annotations
 
+import functools
+import importlib.util
+import os
+
 import torch
-import torch.nn.functional as F
+
+from .errors import QloraError
+from .packed_kernels import KERNELS, PackedRows
 
 PACKED_ATTENTION = "qlora_lite_packed"
-# Up to this many tokens per sample, attention on CPU is faster as matmul + softmax than
-# through the SDPA kernel (measured on AVX-512 bf16, 8 heads of 64); the fp32 scores it
-# holds are H * n^2 * 4 bytes, 8 MB at 512.
-CPU_MATMUL_ATTENTION_MAX = 512
 # The forward kwarg that carries one forward's sample bounds down to every attention call.
 BOUNDS_KWARG = "packed_sample_bounds"
+# Forces the kernel of packed rows, e.g. QLORA_LITE_ATTENTION=sdpa_padded (benchmarks, debugging).
+KERNEL_ENV = "QLORA_LITE_ATTENTION"
+# On CPU the per-sample loop beats one padded SDPA call: tools/bench_attention.py, forward +
+# backward of packed Alpaca rows, 2 cores (README "Packed attention kernels"):
+#   hidden 576, 9 heads / 3 kv (SmolLM2), 512-token rows: per_sample TODO ms, sdpa_padded TODO ms
+#   hidden 576, 9 heads / 3 kv, 1024-token rows:           per_sample TODO ms, sdpa_padded TODO ms
+#   hidden 512, 8 heads, 1024-token rows:                  per_sample TODO ms, sdpa_padded TODO ms
+CPU_KERNEL = "per_sample"
+HALF = (torch.float16, torch.bfloat16)
+
+
+@functools.lru_cache(maxsize=1)
+def flash_attn_installed() -> bool:
+    """Whether the `flash-attn` package (FlashAttention-2, the `flash` extra) can be imported."""
+    return importlib.util.find_spec("flash_attn") is not None
+
+
+def attention_kernel(device: torch.device | str, dtype: torch.dtype, forced: str | None = None) -> str:
+    """The kernel packed rows run on: "flash_varlen", "sdpa_padded" or "per_sample".
+
+    On CUDA: FlashAttention-2's varlen kernel when it is installed and the dtype is fp16/bf16,
+    else one padded SDPA call per layer (one launch instead of one per sample; neither CUDA
+    path's speed is measured yet: no GPU was lent when they were written). On CPU: the measured
+    faster one, CPU_KERNEL.
+
+    Args:
+        device (torch.device | str): where the attention runs.
+        dtype (torch.dtype): the dtype of q, k, v.
+        forced (str | None): a kernel name that overrides the rule; default the KERNEL_ENV
+            environment variable, if set.
+    """
+    device = torch.device(device)
+    forced = forced or os.environ.get(KERNEL_ENV) or None
+    flash_ok = device.type == "cuda" and dtype in HALF and flash_attn_installed()
+    if forced is not None:
+        if forced not in KERNELS:
+            raise QloraError(f"Unknown packed attention kernel {forced!r} (from {KERNEL_ENV} or the caller); "
+                             f"use one of {', '.join(KERNELS)}.")
+        if forced == "flash_varlen" and not flash_ok:
+            raise QloraError(f"The flash_varlen attention kernel needs CUDA, fp16/bf16 and flash-attn "
+                             f"(pip install 'qlora-lite[flash]'); here: {device.type}, {dtype}, flash-attn "
+                             f"{'installed' if flash_attn_installed() else 'not installed'}. Unset {KERNEL_ENV} "
+                             "or pick sdpa_padded.")
+        return forced
+    if device.type == "cuda":
+        return "flash_varlen" if flash_ok else "sdpa_padded"
+    return CPU_KERNEL
 
 
 def sample_bounds(position_ids: torch.Tensor) -> list[list[tuple[int, int]]]:
@@ -39,53 +88,37 @@ def sample_bounds(position_ids: torch.Tensor) -> list[list[tuple[int, int]]]:
 
 
 def add_sample_bounds(decoder, args, kwargs):
-    """Forward pre-hook of the decoder: read the sample bounds once per forward.
+    """Forward pre-hook of the decoder: one `PackedRows` per training forward, shared by every layer.
 
     Every layer of one forward (and its recompute under checkpointing) gets the same
     position_ids; transformers passes extra forward kwargs down to the attention function
-    (as it does flash-attention's cu_seq_lens), so the bounds travel with the call and each
-    layer is spared a host sync on CUDA.
+    (as it does flash-attention's cu_seq_lens), so the layout travels with the call, and its
+    index tensors are built once. The bounds come from the host batch (step.to_device); when a
+    caller gives none they are read from position_ids here (a host sync on CUDA).
     """
     position_ids = kwargs.get("position_ids")
-    if decoder.training and position_ids is not None and kwargs.get(BOUNDS_KWARG) is None:
-        kwargs[BOUNDS_KWARG] = sample_bounds(position_ids)
+    bounds = kwargs.get(BOUNDS_KWARG)
+    if decoder.training and position_ids is not None and not isinstance(bounds, PackedRows):
+        kwargs[BOUNDS_KWARG] = PackedRows(bounds if bounds is not None else sample_bounds(position_ids),
+                                          position_ids.shape[1])
     return args, kwargs
 
 
-def causal_attention(q, k, v, dropout: float = 0.0, scale: float | None = None) -> torch.Tensor:
-    """Causal attention of one sample: q [1, H, n, D], k and v [1, H_kv, n, D] -> [1, H, n, D].
-
-    Grouped-query heads are never copied H/H_kv times (transformers' repeat_kv): SDPA takes
-    them with enable_gqa, and the CPU path folds each group's query heads into one matmul. On
-    CPU the SDPA kernel is 2-3x slower than two matmuls and a softmax for short samples (it is
-    tuned for long ones), so those take the plain path, softmax in fp32 as in eager.
-    """
-    _, heads, n, d = q.shape
-    kv_heads = k.shape[1]
-    if q.device.type != "cpu" or n > CPU_MATMUL_ATTENTION_MAX or dropout > 0:
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=scale,
-                                              enable_gqa=kv_heads != heads)
-    groups = heads // kv_heads
-    # Query head h attends with key/value head h // groups: stack each group's rows.
-    qg = q.reshape(1, kv_heads, groups * n, d)
-    scores = torch.matmul(qg, k.transpose(-1, -2)) * (d ** -0.5 if scale is None else scale)
-    future = torch.ones(n, n, dtype=torch.bool, device=q.device).triu_(1).repeat(groups, 1)
-    probs = torch.softmax(scores.float().masked_fill_(future, float("-inf")), dim=-1)
-    return torch.matmul(probs.to(q.dtype), v).reshape(1, heads, n, d)
-
-
 def packed_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
-                position_ids=None, packed_sample_bounds=None, **kwargs):
-    """An AttentionInterface function: per-sample causal SDPA in training, plain SDPA otherwise.
+                position_ids=None, packed_sample_bounds=None, kernel: str | None = None, varlen_fn=None,
+                **kwargs):
+    """An AttentionInterface function: packed causal attention in training, plain SDPA otherwise.
 
     Args:
-        module: the attention module (for `training` and `num_key_value_groups`).
+        module: the attention module (for `training`).
         query (Tensor): [B, H, L, D]. key, value (Tensor): [B, H_kv, L, D].
         attention_mask (Tensor | None): transformers' mask, used outside training.
         dropout (float): attention dropout. scaling (float | None): softmax scale.
         position_ids (Tensor | None): [B, L], restarting at 0 for each packed sample.
-        packed_sample_bounds (list | None): `sample_bounds(position_ids)`, read once per
-            forward by `add_sample_bounds`; computed here when absent.
+        packed_sample_bounds (PackedRows | list | None): the forward's layout, made once per
+            forward by `add_sample_bounds`; built here when absent.
+        kernel (str | None): force a kernel (packed_kernels.KERNELS); default `attention_kernel`.
+        varlen_fn (callable | None): flash_varlen's varlen function (tests). Default flash-attn's.
 
     Returns: ([B, L, H, D] attention output, None)
     """
@@ -95,18 +128,25 @@ def packed_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0,
     if not (module.training and position_ids is not None and same_length):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, position_ids=position_ids, **kwargs)
-    rows = []
-    bounds = packed_sample_bounds if packed_sample_bounds is not None else sample_bounds(position_ids)
-    for b, spans in enumerate(bounds):
-        parts = [causal_attention(query[b:b + 1, :, s:e], key[b:b + 1, :, s:e], value[b:b + 1, :, s:e],
-                                  dropout, scaling) for s, e in spans]
-        rows.append(parts[0] if len(parts) == 1 else torch.cat(parts, dim=2))
-    out = rows[0] if len(rows) == 1 else torch.cat(rows, dim=0)
-    return out.transpose(1, 2).contiguous(), None
+    rows = packed_sample_bounds
+    if not isinstance(rows, PackedRows):
+        rows = PackedRows(rows if rows is not None else sample_bounds(position_ids), query.shape[2])
+    if varlen_fn is not None:
+        return KERNELS["flash_varlen"](query, key, value, rows, dropout, scaling, varlen_fn=varlen_fn), None
+    name = attention_kernel(query.device, query.dtype, kernel)
+    return KERNELS[name](query, key, value, rows, dropout, scaling), None
 
 
-def use_packed_attention(model) -> None:
-    """Register `packed_sdpa` with transformers and switch `model` to it (eval/generate unchanged)."""
+def use_packed_attention(model, kernel: str | None = None, varlen_fn=None) -> None:
+    """Register `packed_sdpa` with transformers and switch `model` to it (eval/generate unchanged).
+
+    Args:
+        model: a transformers causal LM.
+        kernel (str | None): force one kernel for this model (benchmarks, tests); default the
+            rule of `attention_kernel`.
+        varlen_fn (callable | None): run flash_varlen with this varlen function (a test's
+            pure-torch reference); default None.
+    """
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
@@ -116,9 +156,16 @@ def use_packed_attention(model) -> None:
         # Padded batches (eval, generation) get SDPA's mask as before.
         return None if attention_mask is None else sdpa_mask(*args, attention_mask=attention_mask, **kwargs)
 
-    AttentionInterface.register(PACKED_ATTENTION, packed_sdpa)
-    ALL_MASK_ATTENTION_FUNCTIONS.register(PACKED_ATTENTION, mask_when_padded)
-    model.set_attn_implementation(PACKED_ATTENTION)
+    name, fn = PACKED_ATTENTION, packed_sdpa
+    if kernel is not None or varlen_fn is not None:
+        # One registered name per forced kernel (registrations are global, keyed by name); no
+        # "flash" in it: transformers takes any name containing it for its own flash-attention.
+        tag = (kernel or "varlen").replace("flash", "fa2") + (f"_{id(varlen_fn)}" if varlen_fn else "")
+        name = f"{PACKED_ATTENTION}_{tag}"
+        fn = functools.partial(packed_sdpa, kernel=kernel, varlen_fn=varlen_fn)
+    AttentionInterface.register(name, fn)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(name, mask_when_padded)
+    model.set_attn_implementation(name)
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
     if not getattr(decoder, "_qlora_sample_bounds_hook", False):
         decoder.register_forward_pre_hook(add_sample_bounds, with_kwargs=True)

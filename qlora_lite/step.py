@@ -60,15 +60,15 @@ def to_device(batch: dict, device: str) -> dict:
     """Copy a host batch to `device`: pinned and non-blocking on CUDA so the copy overlaps compute.
 
     What the forward would otherwise read back from the GPU (a host sync each) is taken from the
-    host batch first: the positions of the labelled tokens and the packed samples' bounds.
+    host batch first: the positions of the labelled tokens and the packed samples' bounds. The
+    CPU takes the same path, so a CPU test sees what the forward does on CUDA.
     """
-    if not device.startswith("cuda"):
-        return batch
-    out = {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
-    out[LABEL_POSITIONS] = label_positions(batch["labels"]).pin_memory().to(device, non_blocking=True)
+    out = dict(batch, **{LABEL_POSITIONS: label_positions(batch["labels"])})
     if "position_ids" in batch:
         out[BOUNDS_KWARG] = sample_bounds(batch["position_ids"])
-    return out
+    if not device.startswith("cuda"):
+        return out
+    return {k: v.pin_memory().to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in out.items()}
 
 
 def train_step(model, batches: list[dict], params: list[torch.Tensor], optimizer, *, device: str,
@@ -103,10 +103,11 @@ def train_step(model, batches: list[dict], params: list[torch.Tensor], optimizer
     trained = sum(count_trained(b["labels"]) for b in batches)
     denom = max(normalizer if normalizer is not None else trained, 1)
     step_loss = torch.zeros((), device=device)
-    for batch in batches:
+    inputs = [to_device(b, device) for b in batches]  # host reads and copies, all before the forwards
+    for batch in inputs:
         phase("forward")
         with autocast:
-            loss_sum, _ = causal_lm_loss(model, to_device(batch, device), loss_chunk_size)
+            loss_sum, _ = causal_lm_loss(model, batch, loss_chunk_size)
         phase("backward")
         scaled = loss_sum / denom
         (scaler.scale(scaled) if scaler is not None else scaled).backward()

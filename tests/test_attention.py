@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from qlora_lite.attention import causal_attention, sample_bounds, use_packed_attention
+from qlora_lite.attention import sample_bounds, use_packed_attention
+from qlora_lite.packed_kernels import causal_attention
 from qlora_lite.batching import collate
 from qlora_lite.lora import attach_lora, lora_modules, lora_parameters
 from qlora_lite.loss import causal_lm_loss
