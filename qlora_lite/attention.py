@@ -95,12 +95,21 @@ def add_sample_bounds(decoder, args, kwargs):
     (as it does flash-attention's cu_seq_lens), so the layout travels with the call, and its
     index tensors are built once. The bounds come from the host batch (step.to_device); when a
     caller gives none they are read from position_ids here (a host sync on CUDA).
+
+    Training rows need no mask (`packed_sdpa` ignores it), so the decoder gets an empty 4D one,
+    which transformers passes on as it is: given none, it reads the position_ids back to look
+    for packed rows (masking_utils.find_packed_sequence_indices, `.all()`: a host sync on CUDA
+    every forward); given the 2D padding mask, it builds a [B, 1, L, L] mask for nothing.
     """
     position_ids = kwargs.get("position_ids")
+    if not (decoder.training and position_ids is not None):
+        return args, kwargs
     bounds = kwargs.get(BOUNDS_KWARG)
-    if decoder.training and position_ids is not None and not isinstance(bounds, PackedRows):
+    if not isinstance(bounds, PackedRows):
         kwargs[BOUNDS_KWARG] = PackedRows(bounds if bounds is not None else sample_bounds(position_ids),
                                           position_ids.shape[1])
+    if len(args) < 2:  # attention_mask is the decoder's second positional argument
+        kwargs["attention_mask"] = position_ids.new_empty((0, 0, 0, 0), dtype=torch.bool)
     return args, kwargs
 
 

