@@ -11,7 +11,8 @@ Each run is its own process; runs alternate reference, qlora-lite, reference, ..
 uses seed k on both sides.
 
 Reported per run and as medians: trained tokens per second (non-padding tokens over the
-training loop's time), peak memory (the process's peak RSS from `wait4`, and on CUDA
+training loop's time, model loading excluded on both sides; `steady`: the same from the second
+optimizer step on, leaving out the first step's warm-up), peak memory (the process's peak RSS from `wait4`, and on CUDA
 `torch.cuda.max_memory_allocated`), and the loss after the same trained tokens: both sides see
 every selected row exactly once, so they train the same tokens; the loss compared is the
 response-token-weighted mean of the per-step training loss over the last quarter of them.
@@ -127,8 +128,10 @@ def lite_worker(spec: dict) -> dict:
     data = read_json(out / "data_summary.json", "run the benchmark again")
     # summary["tokens"] counts a packed row's tail padding; the data summary counts only real tokens,
     # and one epoch trains each of them once.
+    tokens = [r["tokens"] for r in records]  # running totals, padding excluded; one record per step
+    step_clock = [[b - a, (b - a) / r["tokens_per_s"]] for a, b, r in zip([0] + tokens, tokens, records)]
     return {"tokens": data["tokens"], "trained_tokens": summary["trained_tokens"],
-            "train_s": summary["wall_time_s"], "steps": per_step}
+            "train_s": summary["wall_time_s"], "steps": per_step, "step_clock": step_clock}
 
 
 def worker_main(side: str, spec_file: str) -> None:
@@ -177,6 +180,7 @@ def run_side(side: str, spec: dict, quiet: bool) -> dict:
     result["cpu_s"] = usage.ru_utime + usage.ru_stime
     result["side"], result["seed"], result["out"] = side, spec["seed"], spec["out"]
     result["tokens_per_s"] = result["tokens"] / result["train_s"]
+    result["steady_tokens_per_s"] = steady_rate(result.get("step_clock", []))
     result["loss_at_tokens"] = windowed_loss(result["steps"], result["trained_tokens"])
     if not quiet:
         print(format_row(result), flush=True)
@@ -199,6 +203,20 @@ def score_runs(results: list[dict], base: dict, data: str, eval_rows: str, max_s
         r["eval_loss"], r["base_eval_loss"] = scores[path], scores["base"]
 
 
+def steady_rate(step_clock: list[list]) -> float | None:
+    """Tokens per second from the second optimizer step on: the first pays the warm-up (CUDA
+    context, kernel selection, allocator growth). Both sides' `train_s` starts after the model
+    is loaded (qlora-lite: the sum of its step times; the reference: on_train_begin to
+    on_train_end) and includes the first step; this figure leaves it out on both.
+
+    Args:
+        step_clock (list[list]): per step, [tokens, seconds]. None with fewer than 2 steps.
+    """
+    rest = step_clock[1:]
+    seconds = sum(s for _, s in rest)
+    return sum(n for n, _ in rest) / seconds if rest and seconds > 0 else None
+
+
 def windowed_loss(steps: list[list], total: int) -> float:
     """Response-token-weighted mean loss over the steps in the last LOSS_WINDOW of `total` tokens."""
     seen, num, den = 0, 0.0, 0
@@ -213,17 +231,22 @@ def memory_of(r: dict) -> int:
     return r["cuda_peak_bytes"] if r.get("cuda_peak_bytes") else r["peak_rss_bytes"]
 
 
-HEADER = f"{'side':<11}{'seed':>5}{'steps':>7}{'tokens':>9}{'tok/s':>9}{'peak RSS MB':>13}{'CUDA MB':>9}{'loss@T':>9}{'eval':>9}"
+HEADER = f"{'side':<11}{'seed':>5}{'steps':>7}{'tokens':>9}{'tok/s':>9}{'steady':>9}{'peak RSS MB':>13}{'CUDA MB':>9}{'loss@T':>9}{'eval':>9}"
 
 
 def format_row(r: dict) -> str:
     cuda = f"{r['cuda_peak_bytes'] / 2**20:.0f}" if r.get("cuda_peak_bytes") else "-"
     return (f"{r['side']:<11}{r['seed']:>5}{len(r['steps']):>7}{r['tokens']:>9}{r['tokens_per_s']:>9.1f}"
+            f"{_rate(r.get('steady_tokens_per_s')):>9}"
             f"{r['peak_rss_bytes'] / 2**20:>13.0f}{cuda:>9}{r['loss_at_tokens']:>9.4f}{_eval(r.get('eval_loss')):>9}")
 
 
 def _eval(x) -> str:
     return "-" if x is None else f"{x:.4f}"
+
+
+def _rate(x) -> str:
+    return "-" if x is None else f"{x:.1f}"
 
 
 def summarise(results: list[dict]) -> dict:
@@ -240,6 +263,8 @@ def summarise(results: list[dict]) -> dict:
             "loss_spread": max(losses) - min(losses),
             "tokens": rs[0]["tokens"], "trained_tokens": rs[0]["trained_tokens"],
         }
+        steady = [r.get("steady_tokens_per_s") for r in rs]
+        out[side]["steady_tokens_per_s"] = statistics.median(steady) if None not in steady else None
         evals = [r["eval_loss"] for r in rs if r.get("eval_loss") is not None]
         if evals:
             out[side].update(eval_loss=statistics.median(evals), eval_spread=max(evals) - min(evals),
@@ -250,6 +275,8 @@ def summarise(results: list[dict]) -> dict:
         "peak_memory": lite["peak_memory_bytes"] / ref["peak_memory_bytes"],
         "loss_delta": lite["loss_at_tokens"] - ref["loss_at_tokens"],
     }
+    if lite["steady_tokens_per_s"] and ref["steady_tokens_per_s"]:
+        out["ratios"]["steady_tokens_per_s"] = lite["steady_tokens_per_s"] / ref["steady_tokens_per_s"]
     if "eval_loss" in lite and "eval_loss" in ref:
         out["ratios"]["eval_delta"] = lite["eval_loss"] - ref["eval_loss"]
     return out
@@ -336,7 +363,7 @@ def format_footer(report: dict) -> str:
     for side in SIDES:
         m = s[side]
         cuda = f"{m['peak_memory_bytes'] / 2**20:.0f}" if report["device"] == "cuda" else "-"
-        lines.append(f"{'median ' + side:<23}{m['tokens']:>9}{m['tokens_per_s']:>9.1f}"
+        lines.append(f"{'median ' + side:<23}{m['tokens']:>9}{m['tokens_per_s']:>9.1f}{_rate(m.get('steady_tokens_per_s')):>9}"
                      f"{m['peak_rss_bytes'] / 2**20:>13.0f}{cuda:>9}{m['loss_at_tokens']:>9.4f}"
                      f"{_eval(m.get('eval_loss')):>9}  (spread over seeds: loss {m['loss_spread']:.4f}"
                      + (f", eval {m['eval_spread']:.4f}; base eval {m['base_eval_loss']:.4f})" if "eval_loss" in m else ")"))
@@ -347,7 +374,9 @@ def format_footer(report: dict) -> str:
     reference = report["args"].get("reference", "default")
     lines.append(f"qlora-lite/reference ({reference}): tokens/s {r['tokens_per_s']:.2f}x, "
                  f"peak memory {r['peak_memory']:.2f}x, loss@T {r['loss_delta']:+.4f}"
-                 + (f", eval {r['eval_delta']:+.4f}" if "eval_delta" in r else ""))
+                 + (f", eval {r['eval_delta']:+.4f}" if "eval_delta" in r else "")
+                 + (f", steady tokens/s (from step 2) {r['steady_tokens_per_s']:.2f}x" if "steady_tokens_per_s" in r
+                    else ""))
     return "\n".join(lines)
 
 

@@ -68,6 +68,8 @@ def reference_worker(spec: dict, lora: dict) -> dict:
             counts["trained"] += int((inputs["labels"][:, 1:] != -100).sum())
             return super().training_step(model, inputs, num_items_in_batch)
 
+    clock: list[list] = []  # per optimizer step: [tokens so far, seconds since on_train_begin]
+
     class Clock(TrainerCallback):
         def on_train_begin(self, *a, **k):
             self.t0 = time.perf_counter()
@@ -78,6 +80,7 @@ def reference_worker(spec: dict, lora: dict) -> dict:
         def on_log(self, args, state, control, logs=None, **k):
             if logs and "loss" in logs:
                 steps.append([counts["trained"], float(logs["loss"])])
+                clock.append([counts["tokens"], time.perf_counter() - self.t0])
 
     trainer = Counting(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
                        peft_config=peft_config, callbacks=[Clock()])
@@ -85,5 +88,6 @@ def reference_worker(spec: dict, lora: dict) -> dict:
     trainer.model.save_pretrained(str(Path(spec["out"]) / "adapter"))  # PEFT format, scored by bench_score
     # Turn cumulative counts into per-step response tokens, as qlora-lite logs them.
     per_step = [[b[0] - a[0], b[1]] for a, b in zip([[0, 0]] + steps, steps)]
+    step_clock = [[b[0] - a[0], b[1] - a[1]] for a, b in zip([[0, 0.0]] + clock, clock)]  # [tokens, s] per step
     return {"tokens": counts["tokens"], "trained_tokens": counts["trained"], "train_s": counts["train_s"],
-            "steps": per_step}
+            "steps": per_step, "step_clock": step_clock}

@@ -9,10 +9,13 @@ rewritten after every stage, so a crash or a timeout keeps what was measured):
      gradient checkpointing on vs off; 5 steps + --resume vs 10 straight steps (tolerance from
      two straight runs); a paged optimizer whose state is paged (hidden 1024) and stays paged
      after a checkpoint reload; fp16 (fp32 adapters + GradScaler) vs bf16
+  b2. the packed attention kernels (tools/bench_attention.py): per_sample, sdpa_padded and, with
+     flash-attn installed, flash_varlen: forward + backward time of packed Alpaca rows and each
+     kernel's loss and gradients against per_sample, on a SmolLM2-shaped and a 7B-wide model
   c. Llama-2-7B-shaped NF4 (random, built on the GPU) under a 24 GiB memory cap: tracker,
      allocated and reserved peaks next to the estimate, seq 2048 batch 1 and 2, seq 4096 batch 1
   d. tokens/s of qlora-lite vs the Hugging Face stack (peft + TRL, tools/bench_peers.py) on a
-     7B-wide model (hidden 4096, --bench-layers layers), packed and unpacked
+     7B-wide model (hidden 4096, --bench-layers layers), packed (256 rows) and unpacked (128 rows)
   e. 20 training steps on CUDA, export --verify, and the NF4 codes of the CUDA quantization
      that differ from the CPU one
   f. with 2+ GPUs (skipped otherwise): DDP and FSDP on 2 GPUs (torchrun, NCCL) against 1 GPU with
@@ -214,7 +217,7 @@ def stage_tiny(args) -> dict:
     return res
 
 
-# ---------------------------------------------------------------- a, c, d, e
+# ---------------------------------------------------------------- a, b2, c, d, e
 
 
 def run(cmd: list[str], timeout: float, log: Path) -> tuple[int, str]:
@@ -228,10 +231,47 @@ def run(cmd: list[str], timeout: float, log: Path) -> tuple[int, str]:
     return rc, log.read_text()[-2000:]
 
 
+def json_in_log(log: Path) -> dict:
+    """The JSON object a tool printed last into `log` (warnings may come first)."""
+    text = log.read_text()
+    return json.loads(text[0 if text.startswith("{") else text.index("\n{") + 1:])
+
+
 def stage_pytest(args) -> dict:
     rc, tail = run([sys.executable, "-m", "pytest", "tests/test_gpu.py", "-q", "-p", "no:cacheprovider"], 180,
                    args.out / "pytest.log")
     return {"exit_code": rc, "summary": tail.strip().splitlines()[-1] if tail.strip() else "", "ok": rc == 0}
+
+
+# bench_attention.py shapes: SmolLM2's attention (9 heads on 3 kv heads) and a 7B-wide one.
+ATTENTION_SHAPES = {
+    "smollm2_1024": ["--hidden", "576", "--heads", "9", "--kv-heads", "3", "--seq-len", "1024", "--layers", "4"],
+    "7b_2048": ["--hidden", "4096", "--heads", "32", "--kv-heads", "32", "--seq-len", "2048", "--layers", "2",
+                "--samples", "1500"],
+}
+QUICK_ATTENTION = ["--hidden", "128", "--heads", "4", "--kv-heads", "2", "--seq-len", "256", "--layers", "1",
+                   "--rows", "2", "--rounds", "1"]
+
+
+def stage_attention(args) -> dict:
+    """Each packed attention kernel on this device: times, and loss/gradients against per_sample."""
+    out = {}
+    shapes = {"quick": QUICK_ATTENTION} if args.quick else ATTENTION_SHAPES
+    for name, extra in shapes.items():
+        cmd = [sys.executable, "tools/bench_attention.py", "--data", str(args.data), "--device", args.device,
+               "--json", *extra]
+        rc, tail = run(cmd, 150, args.out / f"attention_{name}.log")
+        if rc != 0:
+            out[name] = {"exit_code": rc, "tail": tail}
+            continue
+        res = json_in_log(args.out / f"attention_{name}.log")
+        # bf16 kernels round differently: the packed-vs-4D-mask check above allows 0.1 on gradients.
+        agree = all(a["grads_finite"] and a["loss_rel_diff"] < 5e-3 and a["grad_rel_diff"] < 0.05
+                    for a in res["agreement"].values())
+        out[name] = {"shape": res["shape"], "median_s": res["median_s"], "ratio_to_per_sample": res["ratio_to_per_sample"],
+                     "agreement": res["agreement"], "ok": agree}
+    out["ok"] = all(v.get("ok") for v in out.values() if isinstance(v, dict))
+    return out
 
 
 def stage_7b(args) -> dict:
@@ -253,20 +293,21 @@ def stage_7b(args) -> dict:
 
 def stage_bench(args) -> dict:
     out = {}
+    # Unpacked runs pad every batch and take longer: half the rows keep stage d inside the lent time.
     for name, extra in [c for c in (("packed", []), ("unpacked", ["--no-packing"])) if c[0] in args.bench]:
         cmd = [sys.executable, "tools/bench_peers.py", "--data", str(args.data), "--work-dir", str(args.work / "bench"),
                "--pairs", "1", "--json", "--device", args.device, *extra]
         cmd += (["--hidden", "256", "--layers", "2", "--rows", "16", "--vocab", "2000"] if args.quick else
-                ["--hidden", "4096", "--layers", str(args.bench_layers), "--rows", "256", "--max-seq-len", "1024"])
+                ["--hidden", "4096", "--layers", str(args.bench_layers), "--rows", "128" if extra else "256",
+                 "--max-seq-len", "1024"])
         rc, tail = run(cmd, 170, args.out / f"bench_{name}.log")
         if rc != 0:
             out[name] = {"exit_code": rc, "tail": tail}
             continue
-        text = (args.out / f"bench_{name}.log").read_text()
-        start = 0 if text.startswith("{") else text.index("\n{") + 1  # warnings may come first
-        s = json.loads(text[start:])["summary"]
+        s = json_in_log(args.out / f"bench_{name}.log")["summary"]
         sides = ("reference", "qlora-lite")
         out[name] = {"ratios": s["ratios"], "tokens_per_s": {k: s[k]["tokens_per_s"] for k in sides},
+                     "steady_tokens_per_s": {k: s[k].get("steady_tokens_per_s") for k in sides},
                      "peak_memory_bytes": {k: s[k]["peak_memory_bytes"] for k in sides},
                      "loss_at_tokens": {k: s[k]["loss_at_tokens"] for k in sides}}
     out["ok"] = all("ratios" in v for v in out.values() if isinstance(v, dict))
@@ -352,8 +393,8 @@ def markdown(results: dict) -> str:
 
 
 # Throughput last: the longest stage, so a time limit costs the least.
-STAGES = {"a_pytest": stage_pytest, "b_tiny": stage_tiny, "c_7b_memory": stage_7b, "e_export": stage_export,
-          "f_multi_gpu": stage_multi_gpu, "d_throughput": stage_bench}
+STAGES = {"a_pytest": stage_pytest, "b_tiny": stage_tiny, "b2_attention": stage_attention, "c_7b_memory": stage_7b,
+          "e_export": stage_export, "f_multi_gpu": stage_multi_gpu, "d_throughput": stage_bench}
 
 
 def main() -> int:
