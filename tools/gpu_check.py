@@ -268,8 +268,8 @@ def stage_attention(args) -> dict:
         # bf16 kernels round differently: the packed-vs-4D-mask check above allows 0.1 on gradients.
         agree = all(a["grads_finite"] and a["loss_rel_diff"] < 5e-3 and a["grad_rel_diff"] < 0.05
                     for a in res["agreement"].values())
-        out[name] = {"shape": res["shape"], "median_s": res["median_s"], "ratio_to_per_sample": res["ratio_to_per_sample"],
-                     "agreement": res["agreement"], "ok": agree}
+        out[name] = {k: res[k] for k in ("shape", "median_s", "ratio_to_per_sample", "attention_median_s",
+                                         "attention_ratio_to_per_sample", "agreement")} | {"ok": agree}
     out["ok"] = all(v.get("ok") for v in out.values() if isinstance(v, dict))
     return out
 
