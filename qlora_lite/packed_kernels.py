@@ -6,8 +6,8 @@ sample's positions, so here it is just trailing tokens of that sample: causal at
 lets a real token see it, and it carries no loss.
 
 - `per_sample`: a Python loop, one attention call per sample and row.
-- `sdpa_padded`: every sample gathered into one [n_samples, H, max_len, D] batch, padded at the
-  end, one causal SDPA call, scattered back (one launch per layer on a GPU).
+- `sdpa_padded`: the samples gathered into [n_samples, H, max_len, D] batches padded at the end,
+  one per length bucket, one causal SDPA call each, scattered back (a few launches per layer).
 - `flash_varlen`: FlashAttention-2's varlen kernel on the flat [B*L, H, D] tokens with cu_seqlens.
 """
 
@@ -54,22 +54,43 @@ class PackedRows:
             self._built[key] = (_host_to(cu, torch.int32, device), max(n for _, n in spans))
         return self._built[key]
 
-    def padded_index(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, int, int]:
-        """(gather [n*m], inverse [B*L], n samples, m = longest sample) for the padded layout.
+    def padded_index(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, list[tuple[int, int]]]:
+        """(gather, inverse, buckets) for the padded layout: samples grouped by length bucket.
 
-        Slot j of sample i reads token start_i + min(j, n_i - 1): the end padding repeats the
-        sample's last token, a finite value no real query attends to (causal). Token t of
-        sample i at offset j comes back from slot i*m + j.
+        Each bucket of n samples of at most m tokens is an [n, m] block of slots; `gather` [sum
+        n*m] lists, block after block, the token each slot reads, `inverse` [B*L] the slot each
+        token comes back from. Slot j of a sample of n_i tokens reads its token min(j, n_i - 1):
+        the end padding repeats the last token, a finite value no real query attends to (causal).
+
+        Returns: (gather, inverse) on `device`, and the (n, m) of each bucket as host ints.
         """
         key = ("padded", str(device))
         if key not in self._built:
             spans = self.spans()
-            m = max(n for _, n in spans)
-            gather = [s + min(j, n - 1) for s, n in spans for j in range(m)]
-            inverse = [i * m + j for i, (_, n) in enumerate(spans) for j in range(n)]
-            self._built[key] = (_host_to(gather, torch.long, device), _host_to(inverse, torch.long, device),
-                                len(spans), m)
+            buckets: dict[int, list[int]] = {}
+            for i, (_, n) in enumerate(spans):
+                buckets.setdefault(padded_bucket(n), []).append(i)
+            gather, inverse, shapes = [], [0] * (len(self.bounds) * self.length), []
+            for members in buckets.values():
+                m = max(spans[i][1] for i in members)
+                for i in members:
+                    s, n = spans[i]
+                    inverse[s:s + n] = range(len(gather), len(gather) + n)
+                    gather += [s + min(j, n - 1) for j in range(m)]
+                shapes.append((len(members), m))
+            self._built[key] = (_host_to(gather, torch.long, device), _host_to(inverse, torch.long, device), shapes)
         return self._built[key]
+
+
+def padded_bucket(n: int) -> int:
+    """The length bucket of an n-token sample for `sdpa_padded`: (2^(k-1), 2^k], k = this.
+
+    One end-padded batch of all samples pads each to the longest: a 2,000-token sample beside
+    twenty of 100 makes 21 x 2,000^2 of work for ~2,000^2 + 20 x 100^2. Samples padded only
+    within a power-of-two bucket at most double in length (4x the work, ~1.5x typically), for
+    a handful of SDPA calls per layer (samples of 60-400 tokens: 3-4 buckets).
+    """
+    return max(n - 1, 1).bit_length()
 
 
 def _host_to(values: list[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -119,20 +140,23 @@ def _flat(x: torch.Tensor) -> torch.Tensor:
 
 
 def sdpa_padded(q, k, v, rows: PackedRows, dropout: float = 0.0, scale: float | None = None) -> torch.Tensor:
-    """All samples as one end-padded batch through one causal SDPA call: n * m^2 work, one launch.
+    """Samples as end-padded batches, one causal SDPA call per length bucket: a few launches per layer.
 
     Padded slots sit after every real token of their sample, so `is_causal` keeps them out of
     every real query; their outputs are dropped by the inverse gather, so their gradients are 0.
     """
     b, heads, length, d = q.shape
-    gather, inverse, n, m = rows.padded_index(q.device)
+    gather, inverse, shapes = rows.padded_index(q.device)
+    sizes = [n * m for n, m in shapes]
 
-    def padded(x):
-        return _flat(x).index_select(0, gather).view(n, m, x.shape[1], d).transpose(1, 2)
+    def blocks(x):  # [B, h, L, D] -> one [n, h, m, D] per bucket
+        parts = _flat(x).index_select(0, gather).split(sizes)
+        return [p.view(n, m, x.shape[1], d).transpose(1, 2) for p, (n, m) in zip(parts, shapes)]
 
-    out = F.scaled_dot_product_attention(padded(q), padded(k), padded(v), dropout_p=dropout, is_causal=True,
-                                         scale=scale, enable_gqa=k.shape[1] != heads)
-    return out.transpose(1, 2).reshape(n * m, heads, d).index_select(0, inverse).view(b, length, heads, d)
+    out = [F.scaled_dot_product_attention(qb, kb, vb, dropout_p=dropout, is_causal=True, scale=scale,
+                                          enable_gqa=k.shape[1] != heads).transpose(1, 2).reshape(-1, heads, d)
+           for qb, kb, vb in zip(blocks(q), blocks(k), blocks(v))]
+    return (out[0] if len(out) == 1 else torch.cat(out)).index_select(0, inverse).view(b, length, heads, d)
 
 
 def flash_varlen(q, k, v, rows: PackedRows, dropout: float = 0.0, scale: float | None = None,

@@ -10,7 +10,7 @@ from qlora_lite.attention import BOUNDS_KWARG, KERNEL_ENV, attention_kernel, use
 from qlora_lite.batching import collate
 from qlora_lite.errors import QloraError
 from qlora_lite.loss import causal_lm_loss
-from qlora_lite.packed_kernels import PackedRows, per_sample, sdpa_padded
+from qlora_lite.packed_kernels import PackedRows, padded_bucket, per_sample, sdpa_padded
 from qlora_lite.step import to_device
 
 # Rows of 1..4 samples (one of length 1), batch 2: the shorter row is right-padded.
@@ -90,14 +90,24 @@ def test_the_padded_kernel_is_exact_on_grouped_heads_and_its_padding_gets_no_gra
 
 
 def test_packed_rows_give_cu_seqlens_and_padded_indices_from_the_host_bounds():
-    rows = PackedRows([[(0, 3), (3, 5)], [(0, 5)]], 5)
+    rows = PackedRows([[(0, 3), (3, 7)], [(0, 4), (4, 7)]], 7)
     cu, max_len = rows.varlen_index(torch.device("cpu"))
-    assert cu.dtype == torch.int32 and cu.tolist() == [0, 3, 5, 10] and max_len == 5
-    gather, inverse, n, m = rows.padded_index(torch.device("cpu"))
-    assert (n, m) == (3, 5)
-    assert gather.tolist() == [0, 1, 2, 2, 2, 3, 4, 4, 4, 4, 5, 6, 7, 8, 9]
-    assert inverse.tolist() == [0, 1, 2, 5, 6, 10, 11, 12, 13, 14]
+    assert cu.dtype == torch.int32 and cu.tolist() == [0, 3, 7, 11, 14] and max_len == 4
+    gather, inverse, shapes = rows.padded_index(torch.device("cpu"))
+    assert shapes == [(4, 4)]  # lengths 3 and 4 share the bucket (2, 4]
+    assert gather.tolist() == [0, 1, 2, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 13]
+    assert inverse.tolist() == [0, 1, 2, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14]
     assert rows.padded_index(torch.device("cpu"))[0] is gather  # built once per forward
+
+
+def test_samples_are_padded_within_power_of_two_length_buckets():
+    rows = PackedRows([[(0, 1), (1, 3), (3, 40), (40, 512)], [(0, 300), (300, 310), (310, 512)]], 512)
+    gather, inverse, shapes = rows.padded_index(torch.device("cpu"))
+    # Lengths 1 and 2 share (1, 2], 472 and 300 share (256, 512]; 37, 10 and 202 are alone.
+    assert sorted(shapes) == [(1, 10), (1, 37), (1, 202), (2, 2), (2, 472)]
+    assert sum(n * m for n, m in shapes) == gather.numel()
+    assert torch.equal(gather[inverse], torch.arange(2 * 512))  # every token comes back from its own slot
+    assert [padded_bucket(n) for n in (1, 2, 3, 4, 5, 64, 65)] == [1, 1, 2, 2, 3, 6, 7]
 
 
 def test_one_layout_per_forward_reaches_every_layer(monkeypatch):
