@@ -27,14 +27,14 @@ PACKED_ATTENTION = "qlora_lite_packed"
 BOUNDS_KWARG = "packed_sample_bounds"
 # Forces the kernel of packed rows, e.g. QLORA_LITE_ATTENTION=sdpa_padded (benchmarks, debugging).
 KERNEL_ENV = "QLORA_LITE_ATTENTION"
-# On CPU the per-sample loop beats one padded SDPA call (the padding is real work there, and
-# short samples take the matmul path): tools/bench_attention.py --layers 2 --rows 4 --rounds 7
+# On CPU the per-sample loop beats SDPA over end-padded buckets (the padding is real work there,
+# and short samples take the matmul path): tools/bench_attention.py --layers 2 --rows 4 --rounds 7
 # --threads 1, packed Alpaca rows, bf16, medians; attention alone / the whole step, sdpa_padded
 # time over per_sample's (2026-11-28, 1 thread of a loaded 2-core AVX-512/AMX machine):
-#   hidden 576, 9 heads on 3 kv (SmolLM2), rows of 512:  1.68x / 1.10x
-#   hidden 576, 9 heads on 3 kv,           rows of 1024: 1.38x / 1.03x
-#   hidden 512, 8 heads,                   rows of 512:  1.43x / 1.04x
-#   hidden 512, 8 heads,                   rows of 1024: 1.23x / 1.02x
+#   hidden 576, 9 heads on 3 kv (SmolLM2), rows of 512:  1.55x / 1.10x
+#   hidden 576, 9 heads on 3 kv,           rows of 1024: 1.26x / 1.01x
+#   hidden 512, 8 heads,                   rows of 512:  1.27x / 1.05x
+#   hidden 512, 8 heads,                   rows of 1024: 1.12x / 0.97x
 CPU_KERNEL = "per_sample"
 HALF = (torch.float16, torch.bfloat16)
 
@@ -49,9 +49,9 @@ def attention_kernel(device: torch.device | str, dtype: torch.dtype, forced: str
     """The kernel packed rows run on: "flash_varlen", "sdpa_padded" or "per_sample".
 
     On CUDA: FlashAttention-2's varlen kernel when it is installed and the dtype is fp16/bf16,
-    else one padded SDPA call per layer (one launch instead of one per sample; neither CUDA
-    path's speed is measured yet: no GPU was lent when they were written). On CPU: the measured
-    faster one, CPU_KERNEL.
+    else SDPA over end-padded samples (a few launches per layer instead of one per sample);
+    neither CUDA path's speed is measured yet: no GPU was lent when they were written. On CPU:
+    the measured faster one, CPU_KERNEL.
 
     Args:
         device (torch.device | str): where the attention runs.

@@ -89,11 +89,12 @@ def build_model(args, device: str):
 def kernels_here(device: str, dtype: torch.dtype) -> list[str]:
     """per_sample and sdpa_padded always; flash_varlen where attention_kernel would allow it."""
     from qlora_lite.attention import attention_kernel
+    from qlora_lite.errors import QloraError
 
     out = ["per_sample", "sdpa_padded"]
     try:
         out.append(attention_kernel(device, dtype, forced="flash_varlen"))
-    except Exception:  # flash_varlen cannot run here (CPU, fp32, or flash-attn missing)
+    except QloraError:  # flash_varlen cannot run here (CPU, fp32, or flash-attn missing)
         pass
     return out
 
