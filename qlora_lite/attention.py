@@ -163,9 +163,9 @@ def use_packed_attention(model, kernel: str | None = None, varlen_fn=None) -> No
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
     def mask_when_padded(*args, attention_mask=None, **kwargs):
-        # Packed training rows carry no 2D mask, and per-sample attention needs none: without
-        # this, transformers builds a [B, 1, L, L] block mask from the position_ids for nothing.
-        # Padded batches (eval, generation) get SDPA's mask as before.
+        # Training forwards never get here (add_sample_bounds hands the decoder an empty 4D
+        # mask). A forward without a 2D mask would otherwise get a [B, 1, L, L] block mask built
+        # from its position_ids; padded batches (eval, generation) get SDPA's mask as before.
         return None if attention_mask is None else sdpa_mask(*args, attention_mask=attention_mask, **kwargs)
 
     name, fn = PACKED_ATTENTION, packed_sdpa
