@@ -110,6 +110,7 @@ def collate(
     pad_id: int,
     packed_mask: str = "4d",
     mask_dtype: torch.dtype = torch.float32,
+    width: int = 0,
 ) -> dict[str, torch.Tensor]:
     """Pad rows of samples to the batch's longest row; rows of several samples are packed.
 
@@ -120,11 +121,13 @@ def collate(
             "position_ids" (no mask; transformers infers the blocks). Default "4d".
         mask_dtype (torch.dtype): dtype of the 4D mask; match the model's compute dtype.
             Default torch.float32.
+        width (int): pad to at least this many tokens (packed rows: their capacity, so every
+            step has one shape). Default 0: the longest row.
 
     Returns: input_ids, labels, position_ids [B, L] (int64) and attention_mask: [B, L]
         (unpacked), [B, 1, L, L] (packed, "4d") or absent (packed, "position_ids").
     """
-    width = max(sum(len(s["input_ids"]) for s in row) for row in rows)
+    width = max(width, max(sum(len(s["input_ids"]) for s in row) for row in rows))
     b = len(rows)
     input_ids = torch.full((b, width), pad_id, dtype=torch.long)
     labels = torch.full((b, width), IGNORE_INDEX, dtype=torch.long)

@@ -19,6 +19,7 @@ from dataclasses import asdict
 from .errors import QloraError
 from .estimate_inputs import (BF16, CONFIG_DIR, CUDA_CONTEXT, FRAGMENTATION, Arch, Settings,  # noqa: F401 (re-exported)
                               layer_linears, load_arch, nf4_bytes, optimizer_bytes, settings_from_recipe)
+from .loss import CPU_LOSS_ROW_MULTIPLE
 from .memory import CATEGORIES, LABELS, MODES
 from .units import gib, parse_size
 
@@ -94,6 +95,8 @@ def loss_bytes(a: Arch, s: Settings, mode: str) -> tuple[int, int]:
     """
     h, V = a.hidden_size, a.vocab_size
     n = s.batch_size * (s.seq_len - 1)  # next-token targets
+    if s.device == "cpu":  # padded to a multiple of rows on CPU (loss.py)
+        n = -(-n // CPU_LOSS_ROW_MULTIPLE) * CPU_LOSS_ROW_MULTIPLE
     chunked = 0 < s.loss_chunk_size < n
     rows = s.loss_chunk_size if chunked else n
     norm = (4 * h + 4 + (4 * h if mode == "full" else 0)) * s.batch_size * s.seq_len

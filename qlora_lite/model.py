@@ -16,6 +16,7 @@ from . import tiny
 from .atomic import atomic_dir
 from .dtypes import DTYPES
 from .errors import QloraError
+from .host_memory import copy_mapped_weights
 from .recipe import ModelConfig, QuantizationConfig
 
 TINY_PREFIX = "qlora-lite:"
@@ -109,6 +110,7 @@ def load_model(cfg: ModelConfig, device: str = "cpu"):
         )
     except OSError as e:
         raise QloraError(f"Could not load model {cfg.name_or_path!r}: {e}") from None
+    copy_mapped_weights(model)  # lets the weights file's mapping go (host_memory.py)
     for p in model.parameters():
         p.requires_grad_(False)
     disable_cpu_weight_packing(model)

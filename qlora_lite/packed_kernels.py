@@ -22,6 +22,7 @@ import torch.nn.functional as F
 # through the SDPA kernel (measured on AVX-512 bf16, 8 heads of 64); the fp32 scores it
 # holds are H * n^2 * 4 bytes, 8 MB at 512.
 CPU_MATMUL_ATTENTION_MAX = 512
+CPU_ATTENTION_LENGTH_MULTIPLE = 32
 
 
 @dataclass
@@ -115,12 +116,19 @@ def causal_attention(q, k, v, dropout: float = 0.0, scale: float | None = None) 
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=scale,
                                               enable_gqa=kv_heads != heads)
     groups = heads // kv_heads
+    # Samples end-padded to a multiple of CPU_ATTENTION_LENGTH_MULTIPLE: a handful of matmul
+    # shapes instead of one per sample length (oneDNN keeps a primitive per shape for the whole
+    # run). Exact: under the causal mask no real query sees the zero keys after it, and the
+    # padded queries' outputs are dropped.
+    m = -(-n // CPU_ATTENTION_LENGTH_MULTIPLE) * CPU_ATTENTION_LENGTH_MULTIPLE
+    if m != n:
+        q, k, v = (F.pad(x, (0, 0, 0, m - n)) for x in (q, k, v))
     # Query head h attends with key/value head h // groups: stack each group's rows.
-    qg = q.reshape(1, kv_heads, groups * n, d)
+    qg = q.reshape(1, kv_heads, groups * m, d)
     scores = torch.matmul(qg, k.transpose(-1, -2)) * (d ** -0.5 if scale is None else scale)
-    future = torch.ones(n, n, dtype=torch.bool, device=q.device).triu_(1).repeat(groups, 1)
+    future = torch.ones(m, m, dtype=torch.bool, device=q.device).triu_(1).repeat(groups, 1)
     probs = torch.softmax(scores.float().masked_fill_(future, float("-inf")), dim=-1)
-    return torch.matmul(probs.to(q.dtype), v).reshape(1, heads, n, d)
+    return torch.matmul(probs.to(q.dtype), v).reshape(1, heads, m, d)[:, :, :n]
 
 
 def per_sample(q, k, v, rows: PackedRows, dropout: float = 0.0, scale: float | None = None) -> torch.Tensor:
