@@ -138,7 +138,9 @@ def test_estimate_matches_measured_peaks_at_4k_tokens_with_and_without_each_tech
         worst, peaks[name] = max(worst, abs(err)), measured["total"]
     print("\n".join(rows) + f"\nworst |error| {worst:.1%}")
     assert worst <= ESTIMATE_TOLERANCE, "\n".join(rows)
-    assert peaks["both"] <= peaks["plain"] / 2, rows
+    # 0.49x when the LoRA scale still made a d_out-wide temporary in the MLP backward; with it
+    # on the rank side the plain peak fell 13% and both techniques measure 0.54x of it.
+    assert peaks["both"] <= 0.6 * peaks["plain"], rows
 
 
 def test_the_64k_recipe_validates_and_its_header_states_the_predicted_peak():

@@ -260,3 +260,36 @@ def test_with_fp32_adapters_our_logits_equal_peft_exactly(tiny_llama):
     x = tokens()
     with torch.no_grad():
         torch.testing.assert_close(ours(x).logits, pm(input_ids=x).logits, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("alpha,dropout", [(16, 0.0), (10, 0.0), (16, 0.1), (10, 0.1)])
+def test_scale_on_the_rank_side_is_peft_formula(alpha, dropout):
+    """LoRALinear multiplies the r-wide activations by alpha/r (and dropout's 1/(1-p)); PEFT
+    multiplies B's d_out-wide output. Same mask, fp32: equal to rounding; alpha/r = 2: exact."""
+    from qlora_lite.lora import LoRADropout
+
+    torch.manual_seed(0)
+    layer = LoRALinear(torch.nn.Linear(64, 96, bias=False), r=8, alpha=alpha, dropout=dropout,
+                       dtype=torch.float32).train()
+    torch.nn.init.normal_(layer.lora_B.weight)
+    x = torch.randn(4, 33, 64)
+    torch.manual_seed(1)
+    ours = layer(x)
+    torch.manual_seed(1)
+    kept = layer.dropout.drop(x) if dropout else x  # the same mask, drawn from the same seed
+    peft_formula = layer.base(x) + layer.lora_B(layer.lora_A(kept / (1 - dropout))) * layer.scale
+    if alpha == 16 and not dropout:
+        assert torch.equal(ours, peft_formula)
+    torch.testing.assert_close(ours, peft_formula, rtol=1e-5, atol=1e-5)
+    assert isinstance(layer.dropout, LoRADropout if dropout else torch.nn.Identity)
+    torch.testing.assert_close(layer.eval()(x), layer.base(x) + layer.lora_B(layer.lora_A(x)) * layer.scale,
+                               rtol=1e-5, atol=1e-5)  # eval: no dropout, no 1/(1-p)
+
+
+def test_dropout_masks_in_bf16_are_exact_zeros_and_ones():
+    from qlora_lite.lora import LoRADropout
+
+    x = torch.randn(1000, 77, dtype=torch.bfloat16)
+    y = LoRADropout(0.3).train().drop(x)
+    kept = y != 0
+    assert torch.equal(y[kept], x[kept]) and abs(1 - kept.float().mean().item() - 0.3) < 0.01
