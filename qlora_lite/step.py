@@ -117,13 +117,16 @@ def train_step(model, batches: list[dict], params: list[torch.Tensor], optimizer
     if sync is not None:
         step_loss = sync(step_loss)  # NaN on any rank is NaN on every rank: all stop alike
         trained = denom
-    loss = step_loss.item() / max(trained, 1)  # the one host sync of the step
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    norm = clip_grad_norm(params, max_grad_norm)  # clips; the norm stays on the device
+    # The one host sync of the step: the loss and the norm come back together. A non-finite loss
+    # stops before the optimizer touches the weights (clipping NaN gradients changes nothing).
+    loss_sum, grad_norm = torch.stack([step_loss.float(), norm.float().to(step_loss.device)]).tolist()
+    loss = loss_sum / max(trained, 1)
     if not math.isfinite(loss):
         optimizer.zero_grad(set_to_none=True)
         raise NonFiniteLoss(f"loss is {loss}")
-    if scaler is not None:
-        scaler.unscale_(optimizer)
-    grad_norm = clip_grad_norm(params, max_grad_norm)
     if scaler is not None:
         scaler.step(optimizer)  # skips the step when fp16 gradients overflowed
         scaler.update()
@@ -133,14 +136,16 @@ def train_step(model, batches: list[dict], params: list[torch.Tensor], optimizer
     return StepResult(loss=loss, trained=trained, grad_norm=grad_norm)
 
 
-def clip_grad_norm(params, max_norm: float) -> float:
-    """Clip to `max_norm` (0: no clipping) and return the norm before clipping."""
+def clip_grad_norm(params, max_norm: float) -> torch.Tensor:
+    """Clip to `max_norm` (0: no clipping) and return the norm before clipping, as a 0-d tensor
+    (reading it is the caller's one host sync)."""
     grads = [p for p in params if p.grad is not None]
-    if max_norm > 0:
-        return float(torch.nn.utils.clip_grad_norm_(grads, max_norm))
     if not grads:
-        return 0.0
-    return float(torch.linalg.vector_norm(torch.stack([p.grad.float().norm() for p in grads])))
+        return torch.zeros(())
+    if max_norm > 0:
+        norm = torch.nn.utils.clip_grad_norm_(grads, max_norm)
+        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2: a DTensor
+    return torch.linalg.vector_norm(torch.stack([p.grad.float().norm() for p in grads]))
 
 
 def grad_scaler(compute_dtype: str, lora_dtype: str, device: str):
