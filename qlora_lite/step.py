@@ -119,12 +119,8 @@ def train_step(model, batches: list[dict], params: list[torch.Tensor], optimizer
         trained = denom
     if scaler is not None:
         scaler.unscale_(optimizer)
-    norm = clip_grad_norm(params, max_grad_norm)  # clips; the norm stays on the device
-    # The one host sync of the step: the loss and the norm come back together. A non-finite loss
-    # stops before the optimizer touches the weights (clipping NaN gradients changes nothing).
-    loss_sum, grad_norm = torch.stack([step_loss.float(), norm.float().to(step_loss.device)]).tolist()
-    loss = loss_sum / max(trained, 1)
-    if not math.isfinite(loss):
+    loss, grad_norm = read_step(step_loss, clip_grad_norm(params, max_grad_norm), trained)
+    if not math.isfinite(loss):  # before the optimizer touches the weights
         optimizer.zero_grad(set_to_none=True)
         raise NonFiniteLoss(f"loss is {loss}")
     if scaler is not None:
@@ -134,6 +130,12 @@ def train_step(model, batches: list[dict], params: list[torch.Tensor], optimizer
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return StepResult(loss=loss, trained=trained, grad_norm=grad_norm)
+
+
+def read_step(loss_sum: torch.Tensor, norm: torch.Tensor, trained: int) -> tuple[float, float]:
+    """The one host sync of a step: (mean loss per trained token, gradient norm), read together."""
+    loss_sum, grad_norm = torch.stack([loss_sum.float(), norm.float().to(loss_sum.device)]).tolist()
+    return loss_sum / max(trained, 1), grad_norm
 
 
 def clip_grad_norm(params, max_norm: float) -> torch.Tensor:
