@@ -8,7 +8,10 @@ far above what it holds:
    of a step's response tokens, the quantization temporaries of transformers' threaded weight
    loading) pile up in heaps instead of going back: +300 MB after loading, +600 MB over 15
    steps. A fixed threshold sends every allocation above it to its own mapping, unmapped when
-   it is freed.
+   it is freed. The threshold must stay above a step's activations, though: a fresh mapping is
+   zero-filled page by page on first touch, and at 1 MiB the 1.5 MB MLP activations of a
+   512-token row took 227k page faults a step (75k at 4 MiB, the logits' share; an
+   out-of-place add on them ran 2.2x slower).
 2. transformers reads safetensors through mmap, and bf16 weights that need no conversion
    (embeddings, norms) stay views of the mapped file: every page of the file that loading read
    stays resident (269 MB for SmolLM2, to keep 57 MB of weights). A private copy of those lets
@@ -25,11 +28,13 @@ import sys
 
 import torch
 
-M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
-# Above this, an allocation is its own mapping. A 512-token row of hidden 576 in bf16 is 0.6 MB,
-# so small activations stay in the heap (no page-fault cost), logits and weights do not.
-MMAP_THRESHOLD = 1 << 20
-
+M_MMAP_THRESHOLD, M_TRIM_THRESHOLD = -3, -1  # glibc's mallopt parameter numbers
+# Above this, an allocation is its own mapping: logits and loading temporaries go back to the
+# OS when freed; a 512-token row's activations (up to 2048 wide in fp32: 4 MiB) stay in the heap.
+MMAP_THRESHOLD = 4 << 20
+# Setting the mmap threshold fixes the trim threshold too (default 128 KiB): the heap would
+# give back its top on every free and fault it in again on the next step. Keep 32 MiB of it.
+TRIM_THRESHOLD = 32 << 20
 
 def _libc():
     if not sys.platform.startswith("linux"):
@@ -42,9 +47,10 @@ def _libc():
 
 
 def return_freed_memory() -> bool:
-    """Fix glibc's mmap threshold so freed large tensors go back to the OS; True if set."""
+    """Fix glibc's mmap and trim thresholds so freed large tensors go back to the OS; True if set."""
     libc = _libc()
-    return bool(libc and libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1)
+    return bool(libc and libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1
+                and libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1)
 
 
 def mapped_file_ranges(suffix: str = ".safetensors") -> list[tuple[int, int]]:
