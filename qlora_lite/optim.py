@@ -47,6 +47,19 @@ def build_scheduler(optimizer, kind: str, warmup: int, total: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(kind, warmup, total))
 
 
+def apply_schedule(scheduler) -> None:
+    """Set each param group's lr to the schedule's value at the scheduler's current step.
+
+    A loaded checkpoint brings back the lr its run computed for the next step. A resume that
+    changes the length (train.max_steps, train.epochs) changes the cosine or linear curve, and
+    the first step after it would still take the old curve's lr. This is LambdaLR's own formula,
+    so an unchanged schedule gets back exactly the saved lr.
+    """
+    for group, base, f in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base * f(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
+
+
 def restore_paged_state(optimizer) -> None:
     """Put a loaded bitsandbytes paged optimizer's state back into paged (unified) memory.
 

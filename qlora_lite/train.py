@@ -33,7 +33,7 @@ from .loss import IGNORE_INDEX, causal_lm_loss
 from .metrics import (LogWindow, MetricsLog, format_summary, last_logged_loss, log_record, peak_memory,
                       perplexity, reset_peak_memory, truncate_metrics)
 from .model import cache_root, load_model, load_tokenizer, pick_device
-from .optim import build_optimizer, build_scheduler
+from .optim import apply_schedule, build_optimizer, build_scheduler
 from .parallel_run import adapter_state, load_parallel, prepare_parallel, save_parallel, saved_world_size
 from .recipe import Recipe, save_recipe
 from .runlock import clear_run_folder, has_content, run_lock
@@ -214,6 +214,8 @@ def setup_run(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> 
         ckpt = latest_checkpoint(run_dir)
         saved = (load_parallel(run, ckpt) if world.parallel
                  else load_checkpoint(ckpt, model, optimizer, scheduler, scaler=scaler))
+        apply_schedule(scheduler)  # a resume may lengthen the run: its lr follows the new curve
+        apply_schedule(scheduler)  # a resume may lengthen the run: its lr follows the new curve
         run.window = LogWindow(**saved.pop("window", {}))
         run.state = RunState(**dict(saved, world_size=world.size))
         if world.main:
@@ -353,6 +355,8 @@ RUN_MARKERS = ("recipe.yaml", "metrics.jsonl", "checkpoints")
 RESUMABLE_CHANGES = {"train.max_steps", "train.epochs", "train.log_every", "train.eval_every",
                      "train.eval_max_batches", "train.save_every", "train.keep_last", "train.device",
                      "output.dir",  # a run folder may be moved
+                     "train.report_to",  # trackers: one added on resume starts its own run there
+                     "train.report_to",  # trackers: one added on resume starts its own run there
                      # Another world size: grad_accum may change with it as long as the global
                      # batch stays (distributed.check_global_batch).
                      "train.grad_accum"}

@@ -105,6 +105,17 @@ def test_tensorboard_gets_every_record_the_recipe_and_the_summary_and_resumes(tr
     assert json.loads(texts["summary/text_summary"].strip("`\n"))["steps"] in (2, 3)
 
 
+@needs("tensorboard")
+def test_a_tracker_added_on_resume_starts_there(data_file, tmp_path):
+    # report_to says how a run is watched, not what it trains: resume may change it.
+    run(data_file, tmp_path / "r", [], max_steps=2)
+    assert not (tmp_path / "r/tensorboard").exists()
+    run(data_file, tmp_path / "r", ["tensorboard"], resume=True)
+    scalars, _ = tensorboard_scalars(tmp_path / "r/tensorboard")
+    assert sorted(scalars["loss"]) == [3]
+    assert scalars["loss"][3] == pytest.approx(jsonl_metrics(tmp_path / "r")["loss"][3], rel=1e-6)
+
+
 # ---------------------------------------------------------------- W&B offline
 
 

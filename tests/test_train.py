@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from qlora_lite.checkpoint import checkpoint_dirs
 from qlora_lite.errors import QloraError
@@ -154,6 +155,25 @@ def test_resume_refuses_changed_training_settings(data_file, tmp_path):
     assert "lr: 0.001" in (tmp_path / "r/recipe.yaml").read_text()  # the record is kept
     s = train(make_recipe(data_file, tmp_path / "r", max_steps=7, eval_every=0), resume=True)
     assert s["steps"] == 7
+
+
+def test_resume_with_more_steps_takes_the_longer_schedules_lr(data_file, tmp_path):
+    # Cosine without warmup, checkpoint at step 2: a 4-step curve gives step 3 half the peak lr,
+    # an 8-step one 0.85 of it. Resumed to 8 steps, step 3 must take the 8-step curve's lr.
+    from qlora_lite.optim import lr_lambda
+    from qlora_lite.train import setup_run
+
+    short = dict(warmup_steps=0, save_every=2, eval_every=0, keep_last=5)
+    train(make_recipe(data_file, tmp_path / "r", max_steps=4, **short))
+    shutil.rmtree(tmp_path / "r/checkpoints/step-4")
+    saved = torch.load(tmp_path / "r/checkpoints/step-2/optimizer.pt", weights_only=True)["param_groups"][0]["lr"]
+    assert saved == pytest.approx(1e-3 * lr_lambda("cosine", 0, 4)(2)) == pytest.approx(0.5e-3)
+    # Resumed with its own length: the saved lr, bit for bit (exact resume).
+    run = setup_run(make_recipe(data_file, tmp_path / "r", max_steps=4, **short), resume=True)
+    assert run.state.step == 2 and run.optimizer.param_groups[0]["lr"] == saved
+    del run
+    run = setup_run(make_recipe(data_file, tmp_path / "r", max_steps=8, **short), resume=True)
+    assert run.optimizer.param_groups[0]["lr"] == pytest.approx(1e-3 * lr_lambda("cosine", 0, 8)(2), rel=1e-12)
 
 
 def test_overwrite_deletes_only_run_folders(data_file, tmp_path):
