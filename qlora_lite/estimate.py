@@ -21,6 +21,7 @@ from .estimate_inputs import (BF16, CONFIG_DIR, CUDA_CONTEXT, FRAGMENTATION, Arc
                               layer_linears, load_arch, nf4_bytes, optimizer_bytes, settings_from_recipe)
 from .loss import CPU_LOSS_ROW_MULTIPLE
 from .memory import CATEGORIES, LABELS, MODES
+from .quant import keeps_dequantized_weights
 from .units import gib, parse_size
 
 def persistent(a: Arch, s: Settings, mode: str) -> dict:
@@ -86,6 +87,14 @@ def dora_layer_bytes(a: Arch, s: Settings, mode: str) -> int:
     return kept + 2 * elem * max(d_in * d_out for d_in, d_out, _ in lin)
 
 
+def kept_weight_bytes(a: Arch, s: Settings, mode: str) -> int:
+    """One layer's dequantized NF4 weights, kept from its recompute to its backward where
+    quant.keeps_dequantized_weights says so (CPU); 0 elsewhere."""
+    if mode != "qlora" or not keeps_dequantized_weights(s.device, gradient_checkpointing=True):
+        return 0
+    return BF16 * sum(d_in * d_out for d_in, d_out, _ in layer_linears(a))
+
+
 def loss_bytes(a: Arch, s: Settings, mode: str) -> tuple[int, int]:
     """(saved, temporary) bytes alive while backward runs through the loss.
 
@@ -117,14 +126,16 @@ def estimate_mode(a: Arch, s: Settings, mode: str) -> dict:
     if tiled_mlp_tokens(a, s) < tokens:
         moments = tiled_moments(a, s, mode)
     else:
-        recompute = layer_recompute_per_token(a, s, mode) * tokens + dora_layer_bytes(a, s, mode)
+        kept = kept_weight_bytes(a, s, mode)
+        recompute = layer_recompute_per_token(a, s, mode) * tokens + dora_layer_bytes(a, s, mode) + kept
         moments = {"backward (layer recompute)": (0, recompute),
                    "backward (loss)": loss_bytes(a, s, mode)}
         if mode != "full":
             # Backward through the MLP's down projection: gate/up outputs and their gradients are
-            # alive, and bitsandbytes dequantizes the whole bf16 weight for the input gradient.
+            # alive, and bitsandbytes dequantizes the whole bf16 weight for the input gradient
+            # (unless the layer's weights are kept: then it is among them).
             down = (2 * a.intermediate_size - 4 * a.hidden_size - 2 * s.lora_r) * tokens
-            dequant = BF16 * a.hidden_size * a.intermediate_size if mode == "qlora" else 0
+            dequant = BF16 * a.hidden_size * a.intermediate_size if mode == "qlora" and not kept else 0
             moments["backward (MLP down projection)"] = (0, moments["backward (layer recompute)"][1] + down + dequant)
     if s.offload_activations:
         # Backward brings back the input of the layer it recomputes and prefetches the one below.
@@ -202,7 +213,8 @@ def tiled_moments(a: Arch, s: Settings, mode: str) -> dict:
     adapters = 2 * s.lora_r * 4 if mode != "full" else 0
     resident = 4 * q + 4 * kv + 4 * a.num_attention_heads + adapters + attn_in + 4 * BF16 * h
     per_tile = 10 * i + 4 * h + mlp_in
-    extra = BF16 * h * i if mode == "qlora" else 0  # the dequantized weight of one projection
+    # The dequantized weight of one projection, or the layer's kept ones (kept_weight_bytes).
+    extra = (kept_weight_bytes(a, s, mode) or BF16 * h * i) if mode == "qlora" else 0
     if mode == "full":
         extra = 3 * 4 * h * i  # fp32 sums of the MLP weights' gradients over tiles
     saved, temp = loss_bytes(a, s, mode)

@@ -15,7 +15,7 @@ from torch import nn
 from .dora import dora_delta, init_magnitude
 from .dtypes import torch_dtype
 from .errors import QloraError
-from .quant import logical_numel
+from .quant import keeps_dequantized_weights, linear_4bit, logical_numel
 from .recipe import LoraConfig
 
 ADAPTER_PARAM_NAMES = ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector")
@@ -83,10 +83,11 @@ class LoRALinear(nn.Module):
         nn.init.zeros_(self.lora_B.weight)
         # DoRA's magnitude (qlora_lite/dora.py); None for plain LoRA.
         self.register_parameter("lora_magnitude_vector", None)
+        self.keep_dequantized = False  # set by keep_dequantized_weights
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (..., d_in) -> (..., d_out)."""
-        out = self.base(x)
+        out = linear_4bit(self.base, x) if self.keep_dequantized else self.base(x)
         # Under autocast the matmul dtype is chosen for us; outside it, run the adapter in
         # its own dtype and cast back, as PEFT does, so both stacks round identically.
         autocast = torch.is_autocast_enabled(x.device.type)
@@ -113,6 +114,15 @@ def _module_device(m: nn.Module) -> torch.device:
     for p in m.parameters():
         return p.device
     return torch.device("cpu")
+
+
+def _checkpointing(model: nn.Module) -> bool:
+    """Whether a transformers model has gradient checkpointing on (named
+    `is_activation_checkpointing` since transformers 5, which warns on the old name)."""
+    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):
+        if hasattr(type(model), name):
+            return bool(getattr(model, name))
+    return False
 
 
 def is_linear(m: nn.Module) -> bool:
@@ -157,6 +167,9 @@ def attach_lora(model: nn.Module, cfg: LoraConfig, targets: list[str] | None = N
                 dtype: torch.dtype | None = None) -> list[str]:
     """Wrap the targeted linears of `model` in LoRALinear, in place; freeze everything else.
 
+    On CPU, with the model's gradient checkpointing on, the NF4 bases keep their dequantized
+    weight for backward (keep_dequantized_weights).
+
     Args:
         model (nn.Module): the base model.
         cfg (LoraConfig): r, alpha, dropout, target_modules, rslora, dtype.
@@ -180,7 +193,19 @@ def attach_lora(model: nn.Module, cfg: LoraConfig, targets: list[str] | None = N
         if cfg.use_dora:
             init_magnitude(getattr(parent, child))
     mark_only_lora_trainable(model)
+    keep_dequantized_weights(model, _module_device(model), _checkpointing(model))
     return list(targets)
+
+
+def keep_dequantized_weights(model: nn.Module, device, gradient_checkpointing: bool) -> None:
+    """Let the 4-bit bases keep their dequantized weight for backward where the rule says so
+    (quant.keeps_dequantized_weights: CPU under gradient checkpointing). attach_lora applies
+    it for the model as loaded; call again after moving the model or changing checkpointing."""
+    import bitsandbytes as bnb
+
+    on = keeps_dequantized_weights(device, gradient_checkpointing)
+    for m in lora_modules(model).values():
+        m.keep_dequantized = on and isinstance(m.base, bnb.nn.Linear4bit)
 
 
 def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:

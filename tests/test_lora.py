@@ -293,3 +293,41 @@ def test_dropout_masks_in_bf16_are_exact_zeros_and_ones():
     y = LoRADropout(0.3).train().drop(x)
     kept = y != 0
     assert torch.equal(y[kept], x[kept]) and abs(1 - kept.float().mean().item() - 0.3) < 0.01
+
+
+def test_kept_dequantized_weights_give_bnbs_gradients_with_a_third_fewer_dequantizations(tmp_path):
+    """Under checkpointing on CPU each NF4 weight is dequantized twice a step, not three times
+    (quant.keeps_dequantized_weights), and loss and adapter gradients are bit for bit bnb's."""
+    from conftest import build_tiny
+    from qlora_lite.lora import keep_dequantized_weights
+
+    model = load_model(ModelConfig(name_or_path=build_tiny(tmp_path / "m"), gradient_checkpointing=True))
+    torch.manual_seed(0)
+    attach_lora(model, LoraConfig(r=4, alpha=8, dropout=0.1))
+    assert all(m.keep_dequantized for m in lora_modules(model).values())  # CPU + checkpointing: on
+    for m in lora_modules(model).values():  # a nonzero B, so the adapters' input gradients matter too
+        torch.nn.init.normal_(m.lora_B.weight, std=0.1)
+    model.train()
+    ids = torch.randint(3, 320, (2, 24))
+
+    def step(keep: bool):
+        keep_dequantized_weights(model, "cpu" if keep else "cuda", gradient_checkpointing=True)
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(1)  # the same dropout masks
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+        calls = sum(e.count for e in prof.key_averages() if e.key == "bitsandbytes::dequantize_4bit")
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}, calls
+
+    loss_bnb, grads_bnb, calls_bnb = step(keep=False)
+    loss_kept, grads_kept, calls_kept = step(keep=True)
+    assert all(m.keep_dequantized for m in lora_modules(model).values())
+    n_weights = len(lora_modules(model))
+    assert (calls_bnb, calls_kept) == (3 * n_weights, 2 * n_weights)
+    assert torch.equal(loss_bnb, loss_kept)
+    for name in grads_bnb:
+        assert torch.equal(grads_bnb[name], grads_kept[name]), name
+    # Without checkpointing nothing is kept: the copies would pile up over every layer.
+    keep_dequantized_weights(model, "cpu", gradient_checkpointing=False)
+    assert not any(m.keep_dequantized for m in lora_modules(model).values())
