@@ -211,20 +211,24 @@ def setup_run(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> 
               total_steps, autocast_context(device, cfg.model.quantization.compute_dtype), scaler, tracker=tracker,
               world=world)
     if resume:
-        ckpt = latest_checkpoint(run_dir)
-        saved = (load_parallel(run, ckpt) if world.parallel
-                 else load_checkpoint(ckpt, model, optimizer, scheduler, scaler=scaler))
-        apply_schedule(scheduler)  # a resume may lengthen the run: its lr follows the new curve
-        apply_schedule(scheduler)  # a resume may lengthen the run: its lr follows the new curve
-        run.window = LogWindow(**saved.pop("window", {}))
-        run.state = RunState(**dict(saved, world_size=world.size))
-        if world.main:
-            truncate_metrics(run_dir / "metrics.jsonl", run.state.step)
-            print(f"resumed from {ckpt} (step {run.state.step} of {total_steps})")
+        restore_run(run)
     run.state.world_size = world.size
     world.barrier()
     reset_peak_memory(device)
     return run
+
+
+def restore_run(run: Run) -> None:
+    """Load the run folder's newest checkpoint into `run`: adapters, optimizer, schedule, RNG, position."""
+    ckpt, world = latest_checkpoint(run.run_dir), run.world
+    saved = (load_parallel(run, ckpt) if world.parallel
+             else load_checkpoint(ckpt, run.model, run.optimizer, run.scheduler, scaler=run.scaler))
+    apply_schedule(run.scheduler)  # a resume may lengthen the run: its lr follows the new curve
+    run.window = LogWindow(**saved.pop("window", {}))
+    run.state = RunState(**dict(saved, world_size=world.size))
+    if world.main:
+        truncate_metrics(run.run_dir / "metrics.jsonl", run.state.step)
+        print(f"resumed from {ckpt} (step {run.state.step} of {run.total_steps})")
 
 
 def prepare_run(cfg: Recipe, run_dir: Path, resume: bool, overwrite: bool, world: World) -> None:
