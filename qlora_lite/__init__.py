@@ -2,9 +2,14 @@
 
 import logging
 
-__version__ = "0.1.0"
+from . import _moved
+
+__version__ = "0.2.0"
+
+_moved.install()  # old module paths name their new ones (_moved.py)
+__getattr__ = _moved.moved_attribute
 
 # bitsandbytes' CPU backend looks for an optional inference kernel (the `kernels` package, which
 # would download it) and warns when it is missing. We never use that kernel: qlora-lite turns
-# bitsandbytes' CPU inference repacking off (see model.disable_cpu_weight_packing).
+# bitsandbytes' CPU inference repacking off (see model/loader.py, disable_cpu_weight_packing).
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)

@@ -7,6 +7,9 @@ import sys
 import click
 
 from .errors import QloraError
+from .export.gguf import GGUF_TYPES
+from .recipe import STRATEGIES, check_fsdp_optimizer
+from .utils.dtypes import SHORT_NAMES
 
 
 class _Group(click.Group):
@@ -19,7 +22,7 @@ class _Group(click.Group):
             click.echo(f"error: {e}", err=True)
             sys.exit(2)
         except OSError as e:
-            from .atomic import space_errno
+            from .utils.atomic import space_errno
 
             if space_errno(e) is None:
                 raise
@@ -51,17 +54,15 @@ def run(recipe, overrides, resume, overwrite, demo, nproc):
         raise click.UsageError("--resume and --overwrite exclude each other.")
     cfg = load_recipe(recipe, overrides)  # a bad recipe fails here, once, not in every rank
     if nproc > 1:
-        from .distributed import launch
+        from .parallel.distributed import launch
 
         if cfg.train.distributed == "fsdp":  # refuse here once, not in every rank
-            from .fsdp import check_fsdp_optimizer
-
             check_fsdp_optimizer(cfg.train.optimizer)
 
         args = [recipe, *(a for o in overrides for a in ("--set", o)), *(["--resume"] if resume else []),
                 *(["--overwrite"] if overwrite else []), *(["--demo"] if demo else [])]
         sys.exit(launch(nproc, ["run", *args]))
-    from .train import run_recipe
+    from .train.loop import run_recipe
 
     sys.exit(run_recipe(cfg, resume=resume, overwrite=overwrite, demo=demo))
 
@@ -69,7 +70,7 @@ def run(recipe, overrides, resume, overwrite, demo, nproc):
 @main.command()
 @click.argument("source", type=click.Path(exists=True, file_okay=False))
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder (must not exist).")
-@click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32"]), default="bf16", show_default=True)
+@click.option("--dtype", type=click.Choice(list(SHORT_NAMES)), default="bf16", show_default=True)
 @click.option("--base", type=click.Choice(["dequantized", "original"]), default="dequantized", show_default=True,
               help="dequantized: the NF4 weights training saw; original: the checkpoint's full-precision weights.")
 @click.option("--max-shard-size", default="2GB", show_default=True,
@@ -79,11 +80,11 @@ def run(recipe, overrides, resume, overwrite, demo, nproc):
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out folder.")
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]),
               help="Where the base is quantized and --verify runs; auto: the kind the run trained on, if present.")
-@click.option("--gguf", type=click.Choice(["f16", "bf16", "q8_0"]), default=None,
+@click.option("--gguf", type=click.Choice(GGUF_TYPES), default=None,
               help="Also write the model as GGUF (llama.cpp's converter) with an Ollama Modelfile.")
 def export(source, out, dtype, base, max_shard_size, verify, model, overwrite, device, gguf):
     """Merge the adapter of SOURCE (a run or adapter folder) into its base; write a HF model folder."""
-    from .export import export_model
+    from .export.merge import export_model
 
     info = export_model(source, out, dtype=dtype, base=base, max_shard_size=max_shard_size, model=model,
                         verify=verify, overwrite=overwrite, gguf=gguf, log=lambda m: click.echo(m, err=True),
@@ -131,8 +132,10 @@ def generate(source, adapter, prompt, chat, max_new_tokens, temperature, top_p, 
 @click.argument("recipe", type=click.Path(dir_okay=False))
 @click.option("--modes", default="qlora,lora,full", show_default=True, help="Comma-separated: qlora, lora, full.")
 @click.option("--steps", default=3, show_default=True, type=click.IntRange(min=1), help="Optimizer steps per mode.")
-@click.option("--seq-len", default=None, type=click.IntRange(min=2), help="Tokens per sample [recipe's data.max_seq_len].")
-@click.option("--batch-size", default=None, type=click.IntRange(min=1), help="[recipe's train.micro_batch_size]")
+@click.option("--max-seq-len", "--seq-len", "seq_len", default=None, type=click.IntRange(min=2),
+              help="Tokens per sample [recipe's data.max_seq_len].")
+@click.option("--micro-batch-size", "--batch-size", "batch_size", default=None, type=click.IntRange(min=1),
+              help="Samples per micro-batch [recipe's train.micro_batch_size].")
 @click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False),
               help="Folder for report.md, report.json, memory.png [runs/profile].")
 @click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE", help="Override a recipe value.")
@@ -141,54 +144,66 @@ def generate(source, adapter, prompt, chat, max_new_tokens, temperature, top_p, 
                    "[CUDA: the GPU's memory; CPU: none].")
 def profile(recipe, modes, steps, seq_len, batch_size, out_dir, overrides, memory_limit):
     """Measure peak memory by category for RECIPE in each mode (random tokens, real steps)."""
-    from .profile import parse_modes, profile_recipe
+    from .memory.measure import parse_modes, profile_recipe
     from .recipe import load_recipe
-    from .units import parse_size
+    from .utils.units import parse_size
 
     limit = parse_size(memory_limit) if memory_limit else None
     profile_recipe(load_recipe(recipe, overrides), parse_modes(modes), steps, seq_len, batch_size,
                    out_dir or "runs/profile", title=recipe, log=click.echo, memory_limit=limit)
 
 
+# estimate's flags from before it took recipe keys: each sets the recipe key it names.
+ESTIMATE_ALIASES = {"lora_r": "lora.r", "optimizer": "train.optimizer", "loss_chunk_size": "train.loss_chunk_size",
+                    "grad_accum": "train.grad_accum", "lora_dtype": "lora.dtype", "dora": "lora.use_dora",
+                    "strategy": "train.distributed", "offload": "model.offload_activations",
+                    "tiled_mlp": "model.tiled_mlp"}
+
+
 @main.command()
-@click.argument("model")
-@click.option("--seq-len", default=2048, show_default=True, type=click.IntRange(min=2))
-@click.option("--batch-size", default=1, show_default=True, type=click.IntRange(min=1))
-@click.option("--lora-r", default=16, show_default=True, type=click.IntRange(min=1))
-@click.option("--optimizer", default=None, type=click.Choice(["paged_adamw_8bit", "paged_adamw_32bit", "adamw_8bit", "adamw"]),
-              help="[paged_adamw_8bit; adamw with --strategy fsdp, the one it runs]")
-@click.option("--loss-chunk-size", default=1024, show_default=True, type=click.IntRange(min=0))
-@click.option("--grad-accum", default=16, show_default=True, type=click.IntRange(min=1))
-@click.option("--lora-dtype", default="bfloat16", show_default=True, type=click.Choice(["bfloat16", "float32"]),
-              help="Adapter dtype (the recipe's lora.dtype); float32 doubles adapter and gradient bytes.")
+@click.argument("model", required=False)
+@click.option("--recipe", "recipe_path", default=None, type=click.Path(dir_okay=False),
+              help="Take the settings from this recipe (and its model unless MODEL is given).")
+@click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
+              help="A recipe value, as for run: lora.r=64, lora.dtype=float32, lora.use_dora=true, "
+                   "train.optimizer=..., train.distributed=fsdp, model.offload_activations=true, model.tiled_mlp=auto.")
+@click.option("--max-seq-len", "--seq-len", "seq_len", default=None, type=click.IntRange(min=2),
+              help="data.max_seq_len [2048, or the recipe's].")
+@click.option("--micro-batch-size", "--batch-size", "batch_size", default=None, type=click.IntRange(min=1),
+              help="train.micro_batch_size [1, or the recipe's].")
+@click.option("--nproc", "--gpus", "nproc", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Data-parallel processes (one per GPU, as run --nproc); the prediction is per GPU.")
 @click.option("--gpu-mem", default=None,
               help="Card memory, says what fits: GiB = 2^30 bytes, GB = 1e9 (a 24 GB RTX 3090/4090 is 24GiB).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-@click.option("--dora", is_flag=True, help="DoRA adapters (lora.use_dora): magnitudes and DoRA's saved tensors.")
-@click.option("--gpus", default=1, show_default=True, type=click.IntRange(min=1),
-              help="Data-parallel GPUs; the prediction is per GPU.")
-@click.option("--strategy", default="ddp", show_default=True, type=click.Choice(["ddp", "fsdp"]),
-              help="ddp: every GPU holds the whole model; fsdp: weights, adapters and optimizer state sharded.")
-@click.option("--offload", is_flag=True, help="model.offload_activations: layer inputs in host memory.")
-@click.option("--tiled-mlp", default=None, is_flag=False, flag_value="auto", metavar="[N|auto]",
-              help="model.tiled_mlp: the MLP (and norms) over N tiles of tokens; alone: auto.")
-def estimate(model, seq_len, batch_size, lora_r, optimizer, loss_chunk_size, grad_accum, lora_dtype, gpu_mem,
-             as_json, dora, gpus, strategy, offload, tiled_mlp):
+@click.option("--lora-r", hidden=True, type=click.IntRange(min=1))
+@click.option("--optimizer", hidden=True)
+@click.option("--loss-chunk-size", hidden=True, type=click.IntRange(min=0))
+@click.option("--grad-accum", hidden=True, type=click.IntRange(min=1))
+@click.option("--lora-dtype", hidden=True)
+@click.option("--dora", hidden=True, is_flag=True, default=None)
+@click.option("--strategy", hidden=True, type=click.Choice(STRATEGIES))
+@click.option("--offload", hidden=True, is_flag=True, default=None)
+@click.option("--tiled-mlp", hidden=True, default=None, is_flag=False, flag_value="auto")
+def estimate(model, recipe_path, overrides, seq_len, batch_size, nproc, gpu_mem, as_json, **aliases):
     """Predict peak memory per mode for MODEL (a shipped name such as llama-2-7b, a folder,
-    a config.json, or a Hub id) from its architecture alone."""
+    a config.json, or a Hub id) from its architecture alone, with a recipe's settings.
+
+    The flags of earlier versions (--lora-r, --optimizer, --loss-chunk-size, --grad-accum,
+    --lora-dtype, --dora, --strategy, --offload, --tiled-mlp) still work: each sets its recipe key.
+    """
     import json as _json
 
-    from .estimate import Settings, estimate as run_estimate, format_table, gpu_mem_bytes, parse_tiles
+    from .memory.estimate import estimate as run_estimate, format_table, gpu_mem_bytes
+    from .memory.estimate_inputs import settings_for
 
-    if strategy == "fsdp" and gpus > 1:
-        from .fsdp import check_fsdp_optimizer
-
-        check_fsdp_optimizer(optimizer or "adamw")
-    optimizer = optimizer or ("adamw" if strategy == "fsdp" and gpus > 1 else "paged_adamw_8bit")
-    s = Settings(seq_len=seq_len, batch_size=batch_size, lora_r=lora_r, optimizer=optimizer,
-                 loss_chunk_size=loss_chunk_size, grad_accum=grad_accum, lora_dtype=lora_dtype, dora=dora,
-                 gpus=gpus, strategy=strategy, offload_activations=offload, tiled_mlp=parse_tiles(tiled_mlp))
-    result = run_estimate(model, s, gpu_mem_bytes(gpu_mem) if gpu_mem else None)
+    given = {"data.max_seq_len": seq_len, "train.micro_batch_size": batch_size,
+             **{ESTIMATE_ALIASES[k]: v for k, v in aliases.items()}}
+    sets = [f"{k}={_json.dumps(v)}" for k, v in given.items() if v is not None] + list(overrides)
+    model, settings = settings_for(model, recipe_path, sets, nproc)
+    if settings.distributed == "fsdp" and nproc > 1:
+        check_fsdp_optimizer(settings.optimizer)
+    result = run_estimate(model, settings, gpu_mem_bytes(gpu_mem) if gpu_mem else None)
     click.echo(_json.dumps(result, indent=2) if as_json else format_table(result))
 
 

@@ -1,7 +1,7 @@
 """Generation: prompt formatting as in training, greedy or sampled decoding, a chat loop.
 
 Works on a 4-bit base + adapter (a run folder, or a model plus --adapter) and on a plain
-model folder such as an export. Prompts are rendered by `qlora_lite.templates` (the chat template
+model folder such as an export. Prompts are rendered by `qlora_lite.data.templates` (the chat template
 when the tokenizer or recipe has one, else Alpaca), the same functions training uses.
 """
 
@@ -13,12 +13,12 @@ from pathlib import Path
 
 import torch
 
-from .adapter import load_adapter
+from .data.templates import prompt_ids
 from .errors import QloraError
-from .model import disable_cpu_weight_packing, load_model, load_tokenizer, pick_device, resolve_model_path
+from .lora.files import load_adapter
+from .model.loader import disable_cpu_weight_packing, load_model, load_tokenizer, pick_device, resolve_model_path
 from .recipe import ModelConfig
-from .runfolder import is_adapter_folder, is_run_folder, resolve_source
-from .templates import prompt_ids
+from .runs.folder import is_adapter_folder, is_run_folder, resolve_source
 
 DEFAULT_MAX_NEW_TOKENS = 128
 EXIT_COMMAND = "/exit"

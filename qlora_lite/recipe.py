@@ -17,17 +17,15 @@ from typing import Any
 
 import yaml
 
-from .atomic import atomic_write_text
 from .errors import QloraError
+from .utils.atomic import atomic_write_text
+from .utils.dtypes import COMPUTE_DTYPES, LORA_DTYPES
 
 
 class RecipeError(QloraError):
     """A recipe that cannot run: the message names the field and the fix."""
 
 
-# Names as in qlora_lite.dtypes.DTYPES (kept free of torch here so recipes load fast).
-COMPUTE_DTYPES = ("bfloat16", "float16", "float32")
-LORA_DTYPES = ("bfloat16", "float32")
 # transformers' BitsAndBytesConfig has no blocksize: the loader quantizes with 64.
 BLOCKSIZES = (64,)
 
@@ -116,7 +114,7 @@ class LoraConfig:
             Recorded in adapter_config.json, so generate and export --verify load the adapter
             in it; `estimate --lora-dtype` counts it. Default "bfloat16".
         use_dora (bool): DoRA: a trainable magnitude per output row on top of the LoRA
-            direction (QDoRA on a 4-bit base; qlora_lite/dora.py). Default False.
+            direction (QDoRA on a 4-bit base; lora/dora.py). Default False.
     """
 
     r: int = 16
@@ -222,7 +220,7 @@ class TrainConfig:
             the plain loss over full fp32 logits. Default 1024.
         device (str): "auto" (CUDA when available), "cuda" or "cpu". Default "auto".
         report_to (list[str]): experiment trackers that also get the metrics, each an extra:
-            "tensorboard", "wandb", "mlflow" (qlora_lite/tracking.py). Default [] (metrics.jsonl only).
+            "tensorboard", "wandb", "mlflow" (train/tracking.py). Default [] (metrics.jsonl only).
         distributed (str | None): with several processes (torchrun): "ddp" (every rank holds
             the 4-bit base, adapter gradients summed) or "fsdp" (base and adapters sharded).
             Default None (ddp when there is more than one process; ignored with one).
@@ -257,7 +255,7 @@ class TrainConfig:
         _check_positive("train.grad_accum", self.grad_accum)
         _check_positive("train.lr", self.lr)
         _check_nonnegative("train.weight_decay", self.weight_decay)
-        _check_choice("train.lr_scheduler", self.lr_scheduler, ("cosine", "linear", "constant"))
+        _check_choice("train.lr_scheduler", self.lr_scheduler, SCHEDULES)
         _check_nonnegative("train.warmup_steps", self.warmup_steps)
         _check_nonnegative("train.max_grad_norm", self.max_grad_norm)
         _check_choice("train.optimizer", self.optimizer, OPTIMIZERS)
@@ -278,11 +276,25 @@ class TrainConfig:
         for name in self.report_to:
             _check_choice("train.report_to entry", name, TRACKERS)
         if self.distributed is not None:
-            _check_choice("train.distributed", self.distributed, ("ddp", "fsdp"))
+            _check_choice("train.distributed", self.distributed, STRATEGIES)
 
 
+# The allowed values of train.optimizer (train/optim.py builds each), train.report_to
+# (train/tracking.py) and train.distributed (parallel/); the CLI's choices come from here.
 OPTIMIZERS = ("paged_adamw_8bit", "paged_adamw_32bit", "adamw_8bit", "adamw")
 TRACKERS = ("tensorboard", "wandb", "mlflow")
+STRATEGIES = ("ddp", "fsdp")
+# bitsandbytes' optimizers take plain tensors, not FSDP's DTensors.
+FSDP_OPTIMIZERS = ("adamw",)
+SCHEDULES = ("cosine", "linear", "constant")
+
+
+def check_fsdp_optimizer(name: str) -> None:
+    """Refuse an optimizer that cannot step FSDP-sharded adapters (checked where the world size is known)."""
+    if name not in FSDP_OPTIMIZERS:
+        raise RecipeError(f"train.optimizer: {name} does not run on FSDP-sharded adapters (bitsandbytes' "
+                          f"optimizers take plain tensors, not DTensors); set train.optimizer: {FSDP_OPTIMIZERS[0]}: "
+                          "under FSDP its state is sharded across the ranks anyway.")
 
 
 @dataclass
@@ -452,7 +464,7 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | tuple = ()) -> R
         path (str | PathLike): the YAML file.
         overrides (list[str]): `section.key=value` strings. Default ().
     """
-    from .readers import read_yaml
+    from .utils.readers import read_yaml
 
     p = Path(path)
     if not p.is_file():

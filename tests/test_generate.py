@@ -5,15 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import make_run
 
 from qlora_lite.cli import main
-from qlora_lite.templates import alpaca_prompt, prompt_ids
-from qlora_lite.export import export_model
-from qlora_lite.generate import (Loaded, chat_loop, generate_ids, generate_text, load_for_generation,
-                                 prompt_to_ids)
-from qlora_lite.tiny import build_tiny_model
-
-from test_export import make_run
+from qlora_lite.data.templates import alpaca_prompt, prompt_ids
+from qlora_lite.export.merge import export_model
+from qlora_lite.generate import Loaded, chat_loop, generate_ids, generate_text, load_for_generation, prompt_to_ids
+from qlora_lite.model.tiny import build_tiny_model
 
 SMALL = dict(hidden_size=64, num_layers=2, intermediate_size=128, vocab_size=400)
 

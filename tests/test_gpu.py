@@ -11,9 +11,9 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 
 def test_training_steps_on_cuda_report_allocator_peak(tmp_path):
+    from qlora_lite.data.demo_rows import demo_rows
     from qlora_lite.recipe import recipe_from_dict
-    from qlora_lite.tiny import demo_rows
-    from qlora_lite.train import train
+    from qlora_lite.train.loop import train
 
     data = tmp_path / "rows.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in demo_rows(64)))
@@ -45,7 +45,7 @@ def test_nf4_on_cuda_agrees_with_the_cpu_backend():
 
 def packed_attention_grads(kernel: str, seed: int = 0):
     """Output and q/k/v gradients of random bf16 q/k/v (GQA: 8 on 2 heads) through one packed-row kernel on CUDA."""
-    from qlora_lite.packed_kernels import KERNELS, PackedRows
+    from qlora_lite.ops.packed_kernels import KERNELS, PackedRows
 
     g = torch.Generator().manual_seed(seed)
     rows = PackedRows([[(0, 100), (100, 101), (101, 400), (400, 512)], [(0, 37), (37, 512)]], 512)

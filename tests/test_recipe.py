@@ -105,18 +105,21 @@ def _doc_row(key: str) -> str:
 def test_compute_dtypes_accepted_are_the_documented_ones_and_the_loader_knows_them():
     import re
 
-    from qlora_lite.dtypes import DTYPES
+    import torch
+
     from qlora_lite.recipe import COMPUTE_DTYPES, LORA_DTYPES, QuantizationConfig
+    from qlora_lite.utils.dtypes import torch_dtype
 
     meaning = _doc_row("compute_dtype").split("|")[4]
     documented = set(re.findall(r'"(\w+)"', meaning))
-    assert documented == set(COMPUTE_DTYPES) and set(COMPUTE_DTYPES) | set(LORA_DTYPES) <= set(DTYPES)
+    assert documented == set(COMPUTE_DTYPES) and set(LORA_DTYPES) <= set(COMPUTE_DTYPES)
+    assert [torch_dtype(n) for n in COMPUTE_DTYPES] == [torch.bfloat16, torch.float16, torch.float32]
     with pytest.raises(RecipeError, match="compute_dtype"):
         QuantizationConfig(compute_dtype="fp16")
 
 
 def test_blocksize_accepts_only_what_the_loader_quantizes_with(tiny_llama):
-    from qlora_lite.model import load_model
+    from qlora_lite.model.loader import load_model
     from qlora_lite.recipe import BLOCKSIZES, ModelConfig, QuantizationConfig
 
     assert "only 64" in _doc_row("blocksize")

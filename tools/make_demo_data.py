@@ -10,13 +10,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
-from qlora_lite.atomic import atomic_write_text  # noqa: E402
-from qlora_lite.tiny import demo_rows  # noqa: E402
+from qlora_lite.data.demo_rows import demo_rows
+from qlora_lite.utils.atomic import atomic_write_text
 
 
 def main() -> None:

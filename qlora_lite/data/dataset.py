@@ -1,0 +1,351 @@
+"""SFT data: read rows, detect the format, render prompts, tokenize with label masks, cache.
+
+Public API (batching for the loop is in data/batching.py):
+
+    train, eval, summary = build_datasets(cfg: DataConfig, tokenizer, seed: int, cache_dir: str | None)
+        train, eval: lists of samples {"input_ids": list[int], "labels": list[int]}; labels are
+        -100 (IGNORE_INDEX) where no loss is taken. eval is [] without a held-out split.
+        summary: DataSummary; `print(summary.format())` before training.
+    prompt_ids(tokenizer, instruction, input="", chat_template=None) -> list[int]
+        the token ids of a prompt exactly as training renders it, for generation.
+
+Formats (`data.format`, "auto" picks from the columns):
+    alpaca      instruction, input (optional), output [, system]
+    sharegpt    conversations: [{from: human|gpt|system, value}], multi-turn
+    messages    messages: [{role: user|assistant|system, content}], multi-turn
+    completion  one text column (`data.text_field`), trained whole
+
+Every assistant turn is trained (`train_on: responses`); prompt tokens get -100. Masks come
+from one tokenization of the whole rendered text plus the character spans of the responses
+(offsets), so input_ids are exactly what the chat template renders. Rendering lives in
+data/templates.py, file reading in data/sources.py.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import QloraError
+from ..utils.atomic import atomic_write_bytes
+from .sources import load_rows, local_identity
+from .templates import render_alpaca, render_chat, resolve_template
+
+IGNORE_INDEX = -100  # the label of tokens without loss (torch's cross_entropy default)
+TOKENIZE_CHUNK = 1000  # texts per tokenizer call: the fast tokenizer batches them in Rust
+CACHE_VERSION = 2  # bump when rendering or tokenizing changes, so old caches are not reused
+ROLES = {
+    "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+    "model": "assistant", "chatgpt": "assistant", "system": "system",
+}
+
+# ---------------------------------------------------------------- formats
+
+
+def detect_format(columns, text_field: str = "text") -> str:
+    """Pick the data format from the column names; QloraError lists them when nothing fits."""
+    cols = set(columns)
+    if "conversations" in cols:
+        return "sharegpt"
+    if "messages" in cols:
+        return "messages"
+    if {"instruction", "output"} <= cols:
+        return "alpaca"
+    if text_field in cols:
+        return "completion"
+    raise QloraError(
+        f"cannot detect the data format from columns {sorted(cols)}: expected instruction+output (alpaca), "
+        f"conversations (sharegpt), messages, or {text_field!r} (completion). Set data.format, "
+        "or data.text_field for plain text."
+    )
+
+
+def to_messages(row: dict, fmt: str, where: str, text_field: str = "text") -> list[dict] | str:
+    """Normalise one row to [{role, content}] (alpaca user turns keep `input`); completion -> str."""
+    def need(key):
+        if row.get(key) is None:
+            raise QloraError(f"{where}: {fmt} row has no {key!r} field (fields: {sorted(row)}).")
+        return row[key]
+
+    if fmt == "completion":
+        text = need(text_field)
+        if not isinstance(text, str):
+            raise QloraError(f"{where}: {text_field!r} must be a string, got {type(text).__name__}.")
+        return text
+    if fmt == "alpaca":
+        msgs = [{"role": "system", "content": str(row["system"])}] if row.get("system") else []
+        user = {"role": "user", "content": str(need("instruction")), "input": str(row.get("input") or "")}
+        return msgs + [user, {"role": "assistant", "content": str(need("output"))}]
+    turns = need("conversations" if fmt == "sharegpt" else "messages")
+    if not isinstance(turns, list) or not turns:
+        raise QloraError(f"{where}: expected a non-empty list of turns, got {turns!r:.80}.")
+    msgs = []
+    for t in turns:
+        role = t.get("from", t.get("role")) if isinstance(t, dict) else None
+        content = t.get("value", t.get("content")) if isinstance(t, dict) else None
+        if role not in ROLES or not isinstance(content, str):
+            raise QloraError(
+                f"{where}: turn {t!r:.80} needs a role ({', '.join(sorted(ROLES))}) and a string text."
+            )
+        msgs.append({"role": ROLES[role], "content": content})
+    return msgs
+
+
+# ---------------------------------------------------------------- tokenizing
+
+
+def tokenize_rows(rows, fmt, tokenizer, template, train_on, max_seq_len, text_field, where):
+    """Render and tokenize rows; return (samples, {"truncated": n, "dropped": n})."""
+    if tokenizer.eos_token is None:
+        raise QloraError("the tokenizer has no eos_token; set one so responses can end.")
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    texts, spans, prefixes = [], [], []
+    for i, row in enumerate(rows):
+        where_row = f"{where} row {i}"
+        msgs = to_messages(row, fmt, where_row, text_field)
+        if fmt == "completion":
+            text = msgs + tokenizer.eos_token
+            sp, prefix = [(0, len(text))], bos
+        elif template == "alpaca":
+            (text, sp), prefix = render_alpaca(msgs, tokenizer.eos_token), bos
+        else:  # chat templates write their own BOS when the model wants one
+            try:
+                (text, sp), prefix = render_chat(msgs, tokenizer, template), []
+            except QloraError as e:
+                raise QloraError(f"{where_row}: {e}") from None
+            except Exception as e:  # Jinja errors raised by the template (e.g. roles must alternate)
+                raise QloraError(f"{where_row}: the chat template failed: {e}") from None
+        texts.append(text)
+        spans.append(sp)
+        prefixes.append(prefix)
+    samples, counts = [], {"truncated": 0, "dropped": 0}
+    for start in range(0, len(texts), TOKENIZE_CHUNK):
+        chunk = slice(start, start + TOKENIZE_CHUNK)
+        for (ids, trained), pre in zip(encode_with_spans(tokenizer, texts[chunk], spans[chunk]), prefixes[chunk]):
+            trained = [False] * len(pre) + trained
+            ids = pre + ids
+            labels = [t if (k or train_on == "all") else IGNORE_INDEX for t, k in zip(ids, trained)]
+            labels[0] = IGNORE_INDEX  # nothing predicts the first token; counts stay honest
+            if len(ids) > max_seq_len:
+                ids, labels = ids[:max_seq_len], labels[:max_seq_len]
+                counts["truncated"] += 1
+            if all(label == IGNORE_INDEX for label in labels):
+                counts["dropped"] += 1
+                continue
+            samples.append({"input_ids": ids, "labels": labels})
+    return samples, counts
+
+
+def encode_with_spans(tokenizer, texts: list[str], spans: list[list[tuple[int, int]]]):
+    """[(input_ids, trained flags)] per text: one tokenization of the whole text, flags from offsets.
+
+    Tokenizers without offsets (pure-Python ones) get each span and each gap tokenized on
+    its own instead, which can differ from whole-text tokenization at the seams.
+    """
+    try:
+        # verbose=False: long texts are expected here (truncated below), no warning per text
+        enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
+    except (NotImplementedError, ValueError, TypeError):
+        enc = None
+    if enc is not None and "offset_mapping" in enc:
+        return [(list(ids), _in_spans(off, sp)) for ids, off, sp in zip(enc["input_ids"], enc["offset_mapping"], spans)]
+    out = []
+    for text, sp in zip(texts, spans):
+        ids, trained, at = [], [], 0
+        for a, b in [*sp, (len(text), len(text))]:
+            for piece, flag in ((text[at:a], False), (text[a:b], True)):
+                if piece:
+                    part = tokenizer(piece, add_special_tokens=False, verbose=False)["input_ids"]
+                    ids += part
+                    trained += [flag] * len(part)
+            at = b
+        out.append((ids, trained))
+    return out
+
+
+def _in_spans(offsets, spans) -> list[bool]:
+    # A token is trained when any of its characters is in a response span: a BPE token
+    # such as " Paris" starts on the prompt's space but is produced by the response.
+    out, j = [], 0
+    for start, end in offsets:
+        while j < len(spans) and spans[j][1] <= start:
+            j += 1
+        out.append(j < len(spans) and start < spans[j][1] and max(end, start + 1) > spans[j][0])
+    return out
+
+
+# ---------------------------------------------------------------- summary, cache, build
+
+
+@dataclass
+class DataSummary:
+    """What the run trains on, printed before training.
+
+    Args:
+        source (str): data.path.
+        data_format (str): the format used ("alpaca", "sharegpt", ...).
+        template (str): "alpaca", "chat template" or "none" (completion).
+        rows (int): rows read from the train file (after max_samples).
+        train_samples (int): training samples kept.
+        eval_samples (int): eval samples kept.
+        tokens (int): tokens in the training samples.
+        trained_tokens (int): training tokens with a loss.
+        truncated (int): samples cut to max_seq_len (train and eval files).
+        dropped (int): samples removed for having no trained token left (train and eval files).
+        longest (int): the longest training sample, in tokens.
+        max_seq_len (int): data.max_seq_len.
+        from_cache (bool): the tokenized data came from the cache.
+    """
+
+    source: str
+    data_format: str
+    template: str
+    rows: int
+    train_samples: int
+    eval_samples: int
+    tokens: int
+    trained_tokens: int
+    truncated: int
+    dropped: int
+    longest: int
+    max_seq_len: int
+    from_cache: bool
+
+    @property
+    def trained_share(self) -> float:
+        return self.trained_tokens / self.tokens if self.tokens else 0.0
+
+    def format(self) -> str:
+        """A short table for the console."""
+        cut = f"{self.truncated} (> {self.max_seq_len} tokens)"
+        lines = [
+            ("data", f"{self.source} [{self.data_format}, {self.template}{', cached' if self.from_cache else ''}]"),
+            ("rows read", f"{self.rows}"),
+            ("samples", f"{self.train_samples} train, {self.eval_samples} eval"),
+            ("tokens", f"{self.tokens} train, {self.trained_share:.1%} trained, longest {self.longest}"),
+            ("truncated", cut),
+            ("dropped", f"{self.dropped} (no response token left)"),
+        ]
+        return "\n".join(f"{k:<10} {v}" for k, v in lines)
+
+
+def build_datasets(cfg, tokenizer, seed: int, cache_dir: str | os.PathLike | None = None):
+    """Tokenized train and eval samples plus a DataSummary.
+
+    Args:
+        cfg (DataConfig): the recipe's data section.
+        tokenizer: a Hugging Face tokenizer (fast, for offsets).
+        seed (int): seeds the eval split.
+        cache_dir (str | PathLike | None): where tokenized files are cached; None disables.
+    """
+    template = resolve_template(cfg.chat_template, tokenizer)
+    samples, meta, cached = _load_tokenized(cfg, cfg.path, tokenizer, template, cache_dir)
+    dropped, truncated = meta["dropped"], meta["truncated"]
+    if cfg.eval_path:
+        eval_samples, eval_meta, eval_cached = _load_tokenized(cfg, cfg.eval_path, tokenizer, template, cache_dir)
+        dropped, truncated = dropped + eval_meta["dropped"], truncated + eval_meta["truncated"]
+        train, cached = samples, cached and eval_cached
+    else:
+        train, eval_samples = split_eval(samples, cfg.eval_split, seed)
+    if not train:
+        raise QloraError(
+            f"data {cfg.path!r}: no training samples left ({meta['rows']} rows, {dropped} dropped for having "
+            f"no response token within data.max_seq_len={cfg.max_seq_len}); raise max_seq_len or check the data."
+        )
+    tokens = sum(len(s["input_ids"]) for s in train)
+    trained = sum(sum(t != IGNORE_INDEX for t in s["labels"]) for s in train)
+    summary = DataSummary(
+        source=cfg.path, data_format=meta["format"],
+        template="none" if meta["format"] == "completion" else "alpaca" if template == "alpaca" else "chat template",
+        rows=meta["rows"], train_samples=len(train), eval_samples=len(eval_samples), tokens=tokens,
+        trained_tokens=trained, truncated=truncated, dropped=dropped,
+        longest=max(len(s["input_ids"]) for s in train), max_seq_len=cfg.max_seq_len, from_cache=cached,
+    )
+    return train, eval_samples, summary
+
+
+def split_eval(samples: list, fraction: float, seed: int) -> tuple[list, list]:
+    """Hold out round(fraction * n) samples (at least 1 when fraction > 0), chosen by a seeded shuffle."""
+    if fraction <= 0 or len(samples) < 2:
+        return samples, []
+    n_eval = min(len(samples) - 1, max(1, round(len(samples) * fraction)))
+    order = list(range(len(samples)))
+    random.Random(seed).shuffle(order)
+    held = set(order[:n_eval])
+    return [s for i, s in enumerate(samples) if i not in held], [samples[i] for i in sorted(held)]
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A hash of what decides token ids: the vocabulary/merges, special tokens and chat template."""
+    h = hashlib.sha256(type(tokenizer).__name__.encode())
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    h.update(backend.to_str().encode() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True).encode())
+    h.update(json.dumps([str(tokenizer.bos_token), str(tokenizer.eos_token), str(tokenizer.chat_template)]).encode())
+    return h.hexdigest()
+
+
+def _load_tokenized(cfg, path, tokenizer, template, cache_dir):
+    """(samples, meta, from_cache) for one data file, from the cache when its key matches."""
+    ident, rows = local_identity(path), None
+    if ident is None:  # a Hub data set: its fingerprint is known only once loaded
+        rows, ident = load_rows(path, cfg.split)
+    key = {
+        "version": CACHE_VERSION, "source": ident, "tokenizer": tokenizer_fingerprint(tokenizer),
+        "format": cfg.format, "template": template, "train_on": cfg.train_on, "max_seq_len": cfg.max_seq_len,
+        "max_samples": cfg.max_samples, "text_field": cfg.text_field,
+    }
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+    file = Path(cache_dir) / f"{Path(path).stem}-{digest}.safetensors" if cache_dir else None
+    if file is not None and file.is_file():
+        try:
+            return (*_read_cache(file), True)
+        except QloraError as e:  # a cache is only a copy: rebuild it rather than stop the run
+            print(f"warning: {e}", file=sys.stderr)
+    if rows is None:
+        rows, _ = load_rows(path, cfg.split)
+    if cfg.max_samples is not None:
+        rows = rows[: cfg.max_samples]
+    if not rows:
+        raise QloraError(f"data {path!r} has no rows.")
+    fmt = detect_format(rows[0].keys(), cfg.text_field) if cfg.format == "auto" else cfg.format
+    samples, counts = tokenize_rows(rows, fmt, tokenizer, template, cfg.train_on, cfg.max_seq_len, cfg.text_field, path)
+    meta = {"rows": len(rows), "format": fmt, **counts}
+    if file is not None:
+        _write_cache(file, samples, meta)
+    return samples, meta, False
+
+
+def _write_cache(file: Path, samples: list[dict], meta: dict) -> None:
+    import torch
+    from safetensors.torch import save
+
+    lengths = torch.tensor([0] + [len(s["input_ids"]) for s in samples], dtype=torch.int64)
+    tensors = {
+        "input_ids": torch.tensor([t for s in samples for t in s["input_ids"]], dtype=torch.int32),
+        "labels": torch.tensor([t for s in samples for t in s["labels"]], dtype=torch.int32),
+        "offsets": lengths.cumsum(0),
+    }
+    atomic_write_bytes(file, save(tensors, metadata={"meta": json.dumps(meta)}))
+
+
+def _read_cache(file: Path) -> tuple[list[dict], dict]:
+    """(samples, meta) from a cache file; QloraError when it is damaged or not a cache file."""
+    from ..utils.readers import damaged, open_safetensors
+
+    fix = "rebuilding it from the data file"
+    with open_safetensors(file, fix) as f:
+        try:
+            meta = json.loads((f.metadata() or {})["meta"])
+            ids, labels = f.get_tensor("input_ids").tolist(), f.get_tensor("labels").tolist()
+            offsets = f.get_tensor("offsets").tolist()
+        except (KeyError, json.JSONDecodeError) as e:
+            raise damaged(file, f"not a token cache: no {e!r}", fix) from None
+    if len(ids) != len(labels) or not offsets or offsets[-1] != len(ids) or offsets != sorted(offsets):
+        raise damaged(file, "token and offset tables disagree", fix)
+    samples = [{"input_ids": ids[a:b], "labels": labels[a:b]} for a, b in zip(offsets, offsets[1:])]
+    return samples, meta

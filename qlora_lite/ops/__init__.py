@@ -1,0 +1,1 @@
+"""Kernels the model's forward calls: attention for packed rows and the chunked loss."""

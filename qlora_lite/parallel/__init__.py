@@ -1,0 +1,1 @@
+"""Several processes: process groups, DDP gradient sums, FSDP2 sharding of the 4-bit base."""

@@ -1,0 +1,221 @@
+"""The training loop: `train` sets a run up (setup.setup_run), `fit` runs its loop, `finish`
+writes the adapter and summary.
+
+The loop in `fit` reads top to bottom: micro-batches, one optimizer step (step.train_step),
+log, eval, checkpoint. Everything else lives in its own module.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+
+import torch
+from tqdm.auto import tqdm
+
+from ..lora.files import save_adapter
+from ..lora.layer import trainable_summary
+from ..parallel.distributed import close_world, merge_peaks, peer_lost, step_sync, world_is_main
+from ..recipe import Recipe
+from ..runs.lock import run_lock
+from ..utils.atomic import atomic_dir, atomic_write_json
+from .batches import MicroBatch, mask_dtype, micro_batches
+from .metrics import LogWindow, MetricsLog, format_summary, last_logged_loss, log_record, peak_memory, perplexity
+from .parallel_run import adapter_state
+from .setup import Run, setup_run
+from .step import NonFiniteLoss, train_step
+
+EXIT_INTERRUPTED = 130  # the shell's code for "stopped by SIGINT"
+
+class Interrupted(Exception):
+    """Ctrl-C: a checkpoint was saved at the last finished step."""
+
+
+def run_recipe(recipe: Recipe, resume: bool = False, overwrite: bool = False, demo: bool = False) -> int:
+    """CLI entry: train, print the summary table, return the process exit status."""
+    main = world_is_main()
+    try:
+        summary = train(recipe, resume=resume, overwrite=overwrite, demo=demo)
+    except Interrupted as e:
+        print(f"\ninterrupted: {e}; resume with --resume", file=sys.stderr) if main else None
+        return EXIT_INTERRUPTED
+    except NonFiniteLoss as e:  # every rank raised it; one says so
+        print(f"error: {e}", file=sys.stderr) if main else None
+        return 1
+    except torch.distributed.DistError as e:  # a collective failed: another rank died or hung
+        print(f"error: {peer_lost(e)}", file=sys.stderr)
+        return 1
+    if not main:
+        return 0
+    print(format_summary(summary))
+    if "demo" in summary:
+        from .demo import format_demo
+
+        print(format_demo(summary["demo"]))
+    return 0
+
+
+def train(recipe: Recipe, resume: bool = False, overwrite: bool = False, demo: bool = False) -> dict:
+    """Fine-tune the recipe's model; returns the run summary (also in <output>/summary.json).
+
+    Args:
+        recipe (Recipe): a validated recipe.
+        resume (bool): continue from the newest complete checkpoint. Default False.
+        overwrite (bool): delete a previous run in the output folder first. Default False.
+        demo (bool): eval loss and a generation before and after training. Default False.
+    """
+    # One process owns a run folder, from before its first write to the summary (runs/lock.py); under
+    # torchrun only the writing rank (0) holds the lock.
+    with run_lock(recipe.output.dir, "run --resume" if resume else "run", enabled=writing_rank()):
+        run = setup_run(recipe, resume=resume, overwrite=overwrite)
+        try:
+            before = _demo(run) if demo else None
+            fit(run)
+            extra = {"demo": {"before": before, "after": _demo(run)}} if before is not None else {}
+            return finish(run, extra)
+        finally:
+            close_world(run.world)
+
+
+def writing_rank() -> bool:
+    """Whether this process writes the run folder: the only one, or rank 0 under torchrun."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _demo(run: Run) -> dict | None:
+    from .demo import demo_snapshot
+
+    return demo_snapshot(run.model, run.tokenizer, run.eval_set, run.evaluate) if run.eval_set else None
+
+
+def fit(run: Run) -> None:
+    """Train until `total_steps`: each step is grad_accum micro-batches and one optimizer step."""
+    t, state, world = run.recipe.train, run.state, run.world
+    stream = micro_batches(run.train_set, run.recipe, state.epoch, state.batch_in_epoch,
+                           run.tokenizer.pad_token_id, mask_dtype(run.model), keep=world.keeps(t.grad_accum))
+    log = MetricsLog(run.run_dir / "metrics.jsonl" if world.main else None, tracker=run.tracker)  # rank 0 writes
+    # disable=None: a bar on a terminal, plain log lines in files and CI.
+    bar = tqdm(total=run.total_steps, initial=state.step, desc="train", unit="step", dynamic_ncols=True,
+               disable=None if world.main else True)
+    log.write = bar.write if world.main else _quiet
+    run.model.train()
+    with InterruptFlag() as interrupt, bar, run.tracker:
+        try:
+            while state.step < run.total_steps:
+                t0 = time.perf_counter()
+                micro = [next(stream) for _ in range(t.grad_accum * world.size)]  # the global step
+                result = checked_step(run, micro)
+                advance(run, micro, result, time.perf_counter() - t0)
+                bar.update(1)
+                bar.set_postfix(loss=f"{result.loss:.4f}")
+                if state.step % t.log_every == 0 or state.step == run.total_steps:
+                    log.train(merge_peaks(world, log_record(state, run.window, run.scheduler.get_last_lr()[0],
+                                                            result.grad_norm, run.device)))
+                    run.window = LogWindow()
+                if run.eval_set and t.eval_every and state.step % t.eval_every == 0 and state.step != run.total_steps:
+                    run.last_eval = log.eval(state.step, run.evaluate())
+                    run.model.train()
+                interrupt.requested = world.any(interrupt.requested)  # all ranks stop at the same step
+                if (t.save_every and state.step % t.save_every == 0) or interrupt.requested:
+                    run.save()
+                if interrupt.requested:
+                    raise Interrupted(f"checkpoint saved at step {state.step}")
+            if run.eval_set:
+                run.last_eval = log.eval(state.step, run.evaluate())
+        finally:
+            log.close()
+
+
+def _quiet(message: str) -> None:
+    """The log echo of ranks other than 0."""
+
+
+def checked_step(run: Run, micro: list[MicroBatch]):
+    """One optimizer step over this rank's share of `micro` (the global step); a NaN/inf loss
+    names the step and the checkpoint that stays."""
+    t, world = run.recipe.train, run.world
+    # Data-parallel: divide by the trained tokens of the whole global step, sum over ranks.
+    normalizer = sum(m.trained for m in micro) if world.parallel else None
+    try:
+        return train_step(run.model, [m.batch for m in micro if m.batch is not None], run.params, run.optimizer,
+                          device=run.device, max_grad_norm=t.max_grad_norm, loss_chunk_size=t.loss_chunk_size,
+                          autocast=run.autocast, scaler=run.scaler, normalizer=normalizer,
+                          sync=step_sync(world, run.params, reduce_grads=world.strategy == "ddp"))
+    except NonFiniteLoss as e:
+        raise NonFiniteLoss(f"{e} at step {run.state.step + 1}; the last good checkpoint is kept in "
+                            f"{run.run_dir / 'checkpoints'}. Lower train.lr or check the data.") from None
+
+
+def advance(run: Run, micro: list[MicroBatch], result, seconds: float) -> None:
+    """Move the run's state, data position and log window past a finished (global) step."""
+    run.scheduler.step()
+    tokens = sum(m.tokens for m in micro)
+    s = run.state
+    s.step += 1
+    s.epoch, s.batch_in_epoch = micro[-1].epoch, micro[-1].index + 1
+    s.tokens += tokens
+    s.trained_tokens += result.trained
+    s.wall += seconds
+    run.window.add(result.loss, result.trained, tokens, seconds)
+
+
+def finish(run: Run, extra: dict | None = None) -> dict:
+    """Write the final adapter and summary.json; return the summary.
+
+    Args:
+        run (Run): a fitted run.
+        extra (dict | None): more summary fields (the demo's before/after). Default None.
+    """
+    cfg = run.recipe
+    state = adapter_state(run.model, run.world)  # FSDP: every rank gathers, rank 0 writes
+    adapter_bytes = 0
+    if run.world.main:
+        with atomic_dir(run.run_dir / "adapter", overwrite=True) as tmp:
+            adapter_bytes = save_adapter(run.model, tmp, cfg.lora, cfg.model.name_or_path, state=state)
+    peak = merge_peaks(run.world, peak_memory(run.device))
+    summary = {
+        "steps": run.state.step,
+        "train_loss": last_logged_loss(run.run_dir / "metrics.jsonl"),
+        "eval_loss": run.last_eval,
+        "eval_perplexity": perplexity(run.last_eval) if run.last_eval is not None else None,
+        "tokens": run.state.tokens,
+        "trained_tokens": run.state.trained_tokens,
+        "wall_time_s": round(run.state.wall, 2),
+        "peak_memory_bytes": int(peak["peak_memory_gb"] * 2**30),
+        **({"peak_reserved_bytes": int(peak["peak_reserved_gb"] * 2**30)} if "peak_reserved_gb" in peak else {}),
+        "adapter_bytes": adapter_bytes,
+        "trainable": trainable_summary(run.model),
+        "device": run.device,
+        **({"world_size": run.world.size, "distributed": run.world.strategy, "peak_memory_rank": peak["peak_rank"]}
+           if run.world.parallel else {}),
+        **(extra or {}),
+    }
+    if run.world.main:
+        atomic_write_json(run.run_dir / "summary.json", summary)
+        run.tracker.finish(summary)
+    run.world.barrier()
+    return summary
+
+
+class InterruptFlag:
+    """First Ctrl-C asks for a checkpoint at the end of the current step; a second one aborts."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = None
+
+    def _handler(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nCtrl-C: saving a checkpoint after this step (press again to abort without saving)",
+              file=sys.stderr)
+
+    def __enter__(self):
+        self._old = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGINT, self._old)

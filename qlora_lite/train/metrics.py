@@ -1,0 +1,138 @@
+"""What a run logs and reports: metrics.jsonl records, the log window, peak memory, the summary table."""
+
+from __future__ import annotations
+
+import json
+import math
+import resource
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..utils.atomic import atomic_write_text
+from ..utils.readers import read_log
+
+MAX_LOG_PPL = 50.0  # perplexity is reported as exp(min(loss, 50)): no float overflow on a diverged run
+
+
+def perplexity(loss: float) -> float:
+    return math.exp(min(loss, MAX_LOG_PPL))
+
+
+@dataclass
+class LogWindow:
+    """Sums over the steps since the last log line; travels in checkpoints so a resumed run
+    logs the same averages as a straight one."""
+
+    loss: float = 0.0  # sum of (step loss x step trained tokens)
+    trained: int = 0
+    tokens: int = 0
+    time: float = 0.0
+
+    def add(self, loss: float, trained: int, tokens: int, seconds: float) -> None:
+        self.loss += loss * trained
+        self.trained += trained
+        self.tokens += tokens
+        self.time += seconds
+
+
+def peak_memory(device: str) -> dict:
+    """Peak memory since the last reset: CUDA allocator peaks (allocated and reserved), or the
+    process's peak resident set on CPU. bitsandbytes' paged optimizer state lives in CUDA
+    unified memory, outside the allocator, so it is in neither CUDA figure."""
+    if device.startswith("cuda"):
+        return {"peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30,
+                "peak_reserved_gb": torch.cuda.max_memory_reserved() / 2**30}
+    return {"peak_memory_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30}  # KiB on Linux
+
+
+def reset_peak_memory(device: str) -> None:
+    """Start the peak after setup, so loading (e.g. a bf16 layer before quantization) is not counted."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def log_record(state, window: LogWindow, lr: float, grad_norm: float, device: str) -> dict:
+    """One metrics.jsonl training record: window averages plus the run's running totals."""
+    return {
+        "step": state.step,
+        "epoch": state.epoch,
+        "loss": window.loss / max(window.trained, 1),
+        "lr": lr,
+        "grad_norm": grad_norm,
+        "tokens_per_s": window.tokens / max(window.time, 1e-9),
+        "trained_tokens_per_s": window.trained / max(window.time, 1e-9),
+        "tokens": state.tokens,
+        "trained_tokens": state.trained_tokens,
+        **peak_memory(device),
+    }
+
+
+def format_record(r: dict) -> str:
+    return (f"step {r['step']:>5}  loss {r['loss']:.4f}  lr {r['lr']:.2e}  grad {r['grad_norm']:.3f}  "
+            f"{r['tokens_per_s']:.0f} tok/s  peak {r['peak_memory_gb']:.2f} GB")
+
+
+class MetricsLog:
+    """metrics.jsonl, appended and flushed record by record, echoed through `write` (a tqdm bar's)
+    and sent to the run's experiment trackers (`tracker`, train/tracking.py) when given."""
+
+    def __init__(self, path: Path | None, write=print, tracker=None):
+        self.file = open(path, "a") if path is not None else None  # None: a rank that does not write
+        self.write = write
+        self.tracker = tracker
+
+    def train(self, record: dict) -> None:
+        self._append(record)
+        self.write(format_record(record))
+
+    def eval(self, step: int, loss: float) -> float:
+        record = {"step": step, "eval_loss": loss, "eval_perplexity": perplexity(loss)}
+        self._append(record)
+        self.write(f"step {step:>5}  eval loss {loss:.4f}  ppl {record['eval_perplexity']:.2f}")
+        return loss
+
+    def _append(self, record: dict) -> None:
+        if self.file is not None:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+        if self.tracker is not None:
+            self.tracker.log(record)
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Drop records logged after the checkpoint we resume from, so the file reads as one run."""
+    if not path.exists():
+        return
+    keep = [r for r in read_log(path) if r.get("step", 0) <= step]  # read_log: a line cut by kill -9 is dropped
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in keep))
+
+
+def last_logged_loss(path: Path) -> float | None:
+    losses = [r.get("loss") for r in read_log(path)]
+    losses = [x for x in losses if x is not None]
+    return losses[-1] if losses else None
+
+
+def format_summary(s: dict) -> str:
+    """The table `run` prints at the end (summary.json, human-readable)."""
+    def num(key: str, fmt: str) -> str:
+        return format(s[key], fmt) if s.get(key) is not None else "-"
+
+    rows = [
+        ("steps", s["steps"]),
+        ("train loss", num("train_loss", ".4f")),
+        ("eval loss", num("eval_loss", ".4f")),
+        ("perplexity", num("eval_perplexity", ".2f")),
+        ("tokens", f"{s['tokens']:,} ({s['trained_tokens']:,} trained)"),
+        ("wall time", f"{s['wall_time_s']:.1f} s"),
+        ("peak memory", f"{s['peak_memory_bytes'] / 2**30:.2f} GB"),
+        ("adapter", f"{s['adapter_bytes'] / 2**20:.2f} MB"),
+    ]
+    return "\n".join(f"{k:<12} {v}" for k, v in rows)

@@ -1,0 +1,187 @@
+"""Setting a run up: the run folder, data, the model with its adapters, optimizer and schedule,
+and a checkpoint restored when resuming. `setup_run` returns the `Run` that `loop.fit` advances.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from ..data.dataset import build_datasets
+from ..errors import QloraError
+from ..lora.layer import attach_lora, lora_parameters, trainable_summary
+from ..model.loader import cache_root, load_model, load_tokenizer, pick_device
+from ..ops.attention import use_packed_attention
+from ..parallel.distributed import World, check_global_batch, init_world, main_first
+from ..recipe import Recipe, save_recipe
+from ..runs.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from ..runs.folder import check_resumable, prepare_run_dir
+from ..utils.atomic import atomic_write_json
+from ..utils.host_memory import return_freed_memory
+from .batches import plan_epoch
+from .evaluate import eval_loss
+from .metrics import LogWindow, reset_peak_memory, truncate_metrics
+from .optim import apply_schedule, build_optimizer, build_scheduler
+from .parallel_run import load_parallel, prepare_parallel, save_parallel, saved_world_size
+from .step import autocast_context, grad_scaler
+from .tracking import Tracker, open_trackers
+
+
+@dataclass
+class RunState:
+    """Where a run stands; saved in every checkpoint's trainer_state.json."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0  # the next micro-batch of `epoch` to train on
+    tokens: int = 0  # tokens trained on, padding excluded
+    trained_tokens: int = 0  # tokens that carried a loss
+    wall: float = 0.0  # seconds spent in training steps
+    world_size: int = 1  # processes that trained (a resume may change it, keeping the global batch)
+
+
+@dataclass
+class Run:
+    """Everything a training run holds: built by `setup_run`, advanced by `fit`, closed by `finish`."""
+
+    recipe: Recipe
+    run_dir: Path
+    device: str
+    model: torch.nn.Module
+    tokenizer: object
+    train_set: list
+    eval_set: list
+    params: list
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    total_steps: int
+    autocast: object
+    scaler: object = None  # a GradScaler with fp16 compute
+    world: World = field(default_factory=World)  # data-parallel place; World() is one process
+    state: RunState = field(default_factory=RunState)
+    window: LogWindow = field(default_factory=LogWindow)
+    last_eval: float | None = None
+    tracker: Tracker = field(default_factory=lambda: Tracker([]))  # train.report_to (train/tracking.py)
+
+    def evaluate(self) -> float:
+        t = self.recipe.train
+        return eval_loss(self.model, self.eval_set, t.micro_batch_size, self.tokenizer.pad_token_id,
+                         t.loss_chunk_size, self.device, self.autocast, t.eval_max_batches)
+
+    def save(self) -> None:
+        cfg = self.recipe
+        if self.world.parallel:  # every rank takes part (FSDP gathers), rank 0 writes
+            return save_parallel(self)
+        save_checkpoint(self.run_dir, self.model, cfg.lora, cfg.model.name_or_path, self.optimizer, self.scheduler,
+                        dict(asdict(self.state), window=asdict(self.window)), cfg.train.keep_last,
+                        scaler=self.scaler)
+
+
+def setup_run(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> Run:
+    """Prepare the run folder, data, model with adapters, optimizer and schedule; restore a
+    checkpoint when resuming.
+
+    Args:
+        recipe (Recipe): a validated recipe.
+        resume (bool): continue from the newest complete checkpoint. Default False.
+        overwrite (bool): delete a previous run in the output folder first. Default False.
+    """
+    cfg, t = recipe, recipe.train
+    if cfg.data is None:
+        raise QloraError("The recipe has no `data` section; add `data: {path: ...}`.")
+    run_dir = Path(cfg.output.dir)
+    device = pick_device(t.device)
+    world = init_world(t.distributed, device)
+    device = f"cuda:{world.local_rank}" if world.parallel and device == "cuda" else device
+    main_first(world, lambda: prepare_run(cfg, run_dir, resume, overwrite, world), others=False)
+    return_freed_memory()  # before loading: its temporaries are the first to pile up (utils/host_memory.py)
+    scaler = grad_scaler(cfg.model.quantization.compute_dtype, cfg.lora.dtype, device)
+    tracker = open_trackers(cfg, run_dir, resume) if world.main else Tracker([])  # fails here if a library is missing
+    seed_everything(t.seed)
+
+    # Rank 0 first: it fills the caches (tokenized data, a built-in model) the others then read.
+    tokenizer, (train_set, eval_set, data_summary) = main_first(world, lambda: (
+        tok := load_tokenizer(cfg.model), build_datasets(cfg.data, tok, t.seed, cache_root() / "data")))
+    if world.main:
+        print(data_summary.format())
+        atomic_write_json(run_dir / "data_summary.json", data_summary.__dict__)
+
+    model, params = build_model(cfg, device, world)
+    if world.main:
+        print(trainable_summary(model))
+    optimizer = build_optimizer(t.optimizer, params, t.lr, t.weight_decay)
+    steps_per_epoch = max(1, len(plan_epoch(train_set, cfg, 0)) // (t.grad_accum * world.size))  # global steps
+    total_steps = t.max_steps or t.epochs * steps_per_epoch
+    scheduler = build_scheduler(optimizer, t.lr_scheduler, t.warmup_steps, total_steps)
+    run = Run(recipe, run_dir, device, model, tokenizer, train_set, eval_set, params, optimizer, scheduler,
+              total_steps, autocast_context(device, cfg.model.quantization.compute_dtype), scaler, tracker=tracker,
+              world=world)
+    if resume:
+        restore_run(run)
+    run.state.world_size = world.size
+    world.barrier()
+    reset_peak_memory(device)
+    return run
+
+
+def build_model(recipe: Recipe, device: str, world: World | None = None, mode: str = "qlora"):
+    """The recipe's base model with its adapters, as `run` trains it: the one builder that run,
+    profile and the per-rank memory measurement all call.
+
+    Args:
+        recipe (Recipe): model, lora, data.packing, train.seed/optimizer.
+        device (str): "cpu" or "cuda[:N]".
+        world (World | None): this data-parallel rank; FSDP shards the model. Default one process.
+        mode (str): "qlora" (as trained), "lora" (a bf16 base with the adapters) or "full" (a
+            bf16 base, every weight trainable, no adapters): profile's comparisons. Default "qlora".
+
+    Returns:
+        (model, trainable parameters)
+    """
+    cfg = recipe.model
+    if mode != "qlora":
+        cfg = replace(cfg, quantization=replace(cfg.quantization, bits=16))
+    model = load_model(cfg, device)
+    if mode == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model, list(model.parameters())
+    torch.manual_seed(recipe.train.seed)  # adapter init does not depend on what loading consumed
+    attach_lora(model, recipe.lora)
+    if recipe.data is not None and recipe.data.packing:
+        use_packed_attention(model)  # each packed sample attends only to itself, at its own cost
+    if world is not None and world.parallel:
+        prepare_parallel(model, world, recipe.train.seed, recipe.train.optimizer)
+    return model, lora_parameters(model)
+
+
+def restore_run(run: Run) -> None:
+    """Load the run folder's newest checkpoint into `run`: adapters, optimizer, schedule, RNG, position."""
+    ckpt, world = latest_checkpoint(run.run_dir), run.world
+    saved = (load_parallel(run, ckpt) if world.parallel
+             else load_checkpoint(ckpt, run.model, run.optimizer, run.scheduler, scaler=run.scaler))
+    apply_schedule(run.scheduler)  # a resume may lengthen the run: its lr follows the new curve
+    run.window = LogWindow(**saved.pop("window", {}))
+    run.state = RunState(**dict(saved, world_size=world.size))
+    if world.main:
+        truncate_metrics(run.run_dir / "metrics.jsonl", run.state.step)
+        print(f"resumed from {ckpt} (step {run.state.step} of {run.total_steps})")
+
+
+def prepare_run(cfg: Recipe, run_dir: Path, resume: bool, overwrite: bool, world: World) -> None:
+    """Make or check the run folder, refuse a resume that changes the run, record the recipe."""
+    prepare_run_dir(run_dir, resume, overwrite)
+    if resume:
+        saved = check_resumable(cfg, run_dir / "recipe.yaml")
+        if saved is not None:
+            check_global_batch(saved_world_size(latest_checkpoint(run_dir)), saved.train.grad_accum, world,
+                               cfg.train.grad_accum)
+    save_recipe(cfg, run_dir / "recipe.yaml")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)

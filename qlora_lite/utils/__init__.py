@@ -1,0 +1,1 @@
+"""Plumbing every layer uses: atomic writes, safe readers, byte units, dtype names, host-memory settings."""

@@ -1,0 +1,27 @@
+"""units.parse_size: GB is 1e9 and GiB 2^30 for every option that takes a size."""
+
+import pytest
+
+from qlora_lite.errors import QloraError
+from qlora_lite.utils.units import gib, parse_size
+
+
+def test_decimal_and_binary_units():
+    assert parse_size("2GB") == 2 * 10**9 and parse_size("500MB") == 5 * 10**8 and parse_size("10kb") == 10_000
+    assert parse_size("1GiB") == 2**30 and parse_size("24GiB") == 24 * 2**30 and parse_size("1.5 MiB") == 3 * 2**19
+    # A card sold as "24 GB" has 24 GiB; "24GB" is read as 24e9 bytes, 22.35 GiB.
+    assert parse_size("24GB") / 2**30 == pytest.approx(22.35, abs=0.01)
+
+
+def test_bare_numbers_are_bytes():
+    assert parse_size(123) == 123 and parse_size("123") == 123 and parse_size("123B") == 123
+
+
+@pytest.mark.parametrize("bad", ["2 gigs", "lots", "-1GB", "0GB", "24G", 0])
+def test_bad_sizes_name_the_option_and_the_units(bad):
+    with pytest.raises(QloraError, match="--max-shard-size.*(GiB|bytes)"):
+        parse_size(bad, "--max-shard-size")
+
+
+def test_gib_formats_binary_units():
+    assert gib(24 * 2**30) == "24.00 GiB" and gib(3 * 2**20) == "3.0 MiB"
