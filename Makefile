@@ -20,7 +20,7 @@ install: $(VENV)/.installed
 
 # The CPU demo on a real model: SmolLM2-135M-Instruct (converted once, see smollm2 below) learns a
 # new identity with QLoRA; held-out questions answered before/after training and by the
-# export (`export --verify`); eval loss before/after. tools/identity_demo.py; README "Setup".
+# export (`export --verify`); eval loss before/after. tools/identity_demo.py; docs/demo.md.
 demo: install $(SMOLLM2)/conversion.json
 	$(BIN)/python tools/identity_demo.py --recipe recipes/smollm2-identity.yaml --export runs/smollm2-identity-merged
 

@@ -6,7 +6,7 @@ Every adapter (qlora-lite's and the Hugging Face stack's, both PEFT format) is l
 on one 4-bit base (transformers' BitsAndBytesConfig: NF4, double quant, bf16 compute) and scored on
 the same held-out Alpaca rows: BOS and the Alpaca prompt, response + EOS, loss on response tokens only,
 token-weighted mean over the rows. The base without an adapter is scored too. Training losses are
-not comparable across stacks (see README, "Benchmark against peers"); this is.
+not comparable across stacks (docs/performance.md, "Why the training-loss windows are not comparable across stacks"); this is.
 peft is imported here only.
 """
 

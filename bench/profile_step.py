@@ -1,5 +1,5 @@
 """Where a qlora-lite training step's CPU time goes, on bench/peers.py's recipe: the command behind
-README's "Where the time goes" figures.
+the "Where the time goes" figures of docs/performance.md.
 
     .venv/bin/python bench/profile_step.py --model .cache/models/smollm2-135m-instruct \
         --data ../shared/data/alpaca_5000.json --profile --ab keep-dequantized

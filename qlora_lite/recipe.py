@@ -72,7 +72,7 @@ class ModelConfig:
         offload_activations (bool): keep each decoder layer's checkpointed input in (pinned)
             host memory between forward and backward, prefetched back for its recompute; needs
             gradient_checkpointing. Frees layers x tokens x hidden x 2 bytes of device memory
-            for as much host RAM (see `qlora-lite estimate --offload`). Default False.
+            for as much host RAM (see `qlora-lite estimate --set model.offload_activations=true`). Default False.
         tiled_mlp (int | str): run each MLP (and the RMSNorms) over this many tiles of tokens
             (forward, recompute and backward), or "auto" for tiles of hidden_size tokens (at
             least 1024); 0 is off. Bounds the MLP intermediates at long context. Default 0.
@@ -112,7 +112,7 @@ class LoraConfig:
         dtype (str): adapter parameter dtype, "bfloat16" or "float32" (PEFT's default: keeps
             tiny late-schedule updates that bf16 rounds away, at 2x the adapter memory).
             Recorded in adapter_config.json, so generate and export --verify load the adapter
-            in it; `estimate --lora-dtype` counts it. Default "bfloat16".
+            in it; `estimate --set lora.dtype=float32` counts it. Default "bfloat16".
         use_dora (bool): DoRA: a trainable magnitude per output row on top of the LoRA
             direction (QDoRA on a 4-bit base; lora/dora.py). Default False.
     """

@@ -65,11 +65,29 @@ def keeps_dequantized_weights(device, gradient_checkpointing: bool) -> bool:
     backward). Kept by autograd instead, the recompute's copy serves the backward, and the
     checkpoint frees it with the layer's other recomputed tensors: one layer's weights at a
     time (7 MB on SmolLM2-135M, 0.4 GB on a 7B). Only on CPU, where dequantizing is 8% of a
-    step (README "Where the time goes"); on a GPU the dequantize kernel is a small share of
+    step (docs/performance.md, "Where the time goes"); on a GPU the dequantize kernel is a small share of
     the step and the memory is worth more. Without checkpointing the copies would pile up
     over all layers.
     """
     return gradient_checkpointing and torch.device(device).type == "cpu"
+
+
+def dequantize_4bit(weight: torch.Tensor, qs, dtype: torch.dtype) -> torch.Tensor:
+    """A packed 4-bit weight as a `qs.shape` tensor of `dtype`, through bitsandbytes' registered ops
+    (no Python wrapper layers): the nested absmax first, then the 4-bit codes. Bit for bit what
+    `bitsandbytes.functional.dequantize_4bit` (and so MatMul4Bit) computes.
+
+    Args:
+        weight (Tensor): the packed uint8 codes (Params4bit data).
+        qs: its bitsandbytes QuantState.
+        dtype (torch.dtype): the output dtype (the compute dtype).
+    """
+    absmax = qs.absmax
+    if qs.nested:
+        absmax = torch.ops.bitsandbytes.dequantize_blockwise.default(
+            qs.absmax, qs.state2.absmax, qs.state2.code, qs.state2.blocksize, torch.float32) + qs.offset
+    return torch.ops.bitsandbytes.dequantize_4bit.default(weight.view(-1, 1), absmax, qs.blocksize, qs.quant_type,
+                                                          qs.shape, dtype)
 
 
 class _KeepDequantized(torch.autograd.Function):
@@ -82,12 +100,7 @@ class _KeepDequantized(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, qs, bias):
-        absmax = qs.absmax
-        if qs.nested:
-            absmax = torch.ops.bitsandbytes.dequantize_blockwise.default(
-                qs.absmax, qs.state2.absmax, qs.state2.code, qs.state2.blocksize, torch.float32) + qs.offset
-        w = torch.ops.bitsandbytes.dequantize_4bit.default(weight.view(-1, 1), absmax, qs.blocksize,
-                                                           qs.quant_type, qs.shape, x.dtype)
+        w = dequantize_4bit(weight, qs, x.dtype)
         ctx.save_for_backward(w)
         return torch.nn.functional.linear(x, w, bias)
 

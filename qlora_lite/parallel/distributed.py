@@ -3,7 +3,7 @@ it trains, and the collectives that make N processes train as one.
 
 torchrun (or `accelerate launch`, or `qlora-lite run --nproc N`) starts one process per device
 and sets RANK, WORLD_SIZE and LOCAL_RANK; without them the run is a single process and nothing
-here does anything. Semantics (README, "More than one GPU"):
+here does anything. Semantics (docs/multi-gpu.md):
 
 - A global step is grad_accum x world micro-batches taken in order from the same (seed, epoch)
   plan a single process uses; rank r trains the r-th block of grad_accum of them. So 2 ranks x

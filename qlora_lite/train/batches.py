@@ -42,7 +42,7 @@ def micro_batches(samples, cfg: Recipe, epoch: int, start: int, pad_id: int,
     packed_mask = "position_ids" if cfg.data.packing else "4d"
     # Packed rows are all max_seq_len wide: one shape for every step. Rows of 505-512 tokens
     # made each step's matmuls a new shape, and on CPU torch's oneDNN caches a primitive per
-    # shape (+24 MB RSS a step on SmolLM2-135M, README "Host memory").
+    # shape (+24 MB RSS a step on SmolLM2-135M, docs/performance.md, "Host memory").
     width = cfg.data.max_seq_len if cfg.data.packing else 0
     n = 0
     while True:

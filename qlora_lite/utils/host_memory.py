@@ -1,6 +1,6 @@
 """Host RAM a run gives back: freed tensors returned to the OS, no weights file kept mapped.
 
-Measured on SmolLM2-135M (README "Host memory"), two things kept a CPU run's resident memory
+Measured on SmolLM2-135M (docs/performance.md, "Host memory"), two things kept a CPU run's resident memory
 far above what it holds:
 
 1. glibc's malloc keeps freed blocks in its heaps, and its mmap threshold grows (up to 32 MiB)
