@@ -50,18 +50,11 @@ def measure_rank(recipe: Recipe, world: World, steps: int = 2, seq_len: int = 64
         seq_len (int): tokens per sample.
         seed (int): random tokens (the same on every rank: memory does not depend on them).
     """
-    from ..lora.layer import attach_lora
-    from ..model.loader import load_model
     from ..train.optim import build_optimizer
-    from ..train.parallel_run import prepare_parallel
+    from ..train.setup import build_model
 
     t = recipe.train
-    model = load_model(recipe.model, "cpu")
-    torch.manual_seed(t.seed)
-    attach_lora(model, recipe.lora, dtype=getattr(torch, recipe.lora.dtype))
-    if world.parallel:
-        prepare_parallel(model, world, t.seed, t.optimizer)
-    params = lora_parameters(model)
+    model, params = build_model(recipe, "cpu", world)
     opt = build_optimizer(t.optimizer, params, t.lr, t.weight_decay)
     model.train()
     plan = random_steps(model.get_input_embeddings().weight.shape[0], steps, 2 if t.grad_accum > 1 else 1,
