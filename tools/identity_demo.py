@@ -53,20 +53,25 @@ def folder_answers(path: str, qs: list[str]) -> list[str]:
 
 def checks(qs: list[str], after: list[str], exported: list[str]) -> list[tuple[str, bool]]:
     """The demo's claims, each with whether it held."""
-    identity = [a for q, a in zip(qs, after) if q in WHO_EVAL + MAKER_EVAL]
-    france = [a for q, a in zip(qs, after) if "France" in q]
+    def pick(answers, which):
+        return [a for q, a in zip(qs, answers) if which(q)]
+
+    identity, france = (lambda q: q in WHO_EVAL + MAKER_EVAL), (lambda q: "France" in q)
     same = sum(a == e for a, e in zip(after, exported))
-    # The identity and knowledge answers are confident: the export must give them word for word.
-    # Elsewhere (the sums, which the model never learned) the bf16 merge and NF4 + adapter round
-    # differently and a near-tie can flip one greedy token, so the total is reported, not required.
-    claimed = [(a, e) for q, a, e in zip(qs, after, exported) if q in WHO_EVAL + MAKER_EVAL or "France" in q]
+    # The export must make the same claims as the run: the new name, and Paris. Word for word it
+    # need not agree: the bf16 merge and NF4 + adapter round differently, and a near-tie can flip
+    # a greedy token and send an answer down another phrasing (seen on the maker question,
+    # 2026-12-04, "I come from Lantern Labs, ..." vs "The Lantern Labs team built me, ...");
+    # export --verify holds the logits to the model's, and the agreement is reported.
     return [
-        (f"new identity on held-out identity questions: {sum(NAME in a for a in identity)}/{len(identity)}",
-         all(NAME in a for a in identity)),
-        ("general knowledge kept: France's capital is still Paris", all("Paris" in a for a in france)),
-        (f"export gives the run's identity and France answers word for word: "
-         f"{sum(a == e for a, e in claimed)}/{len(claimed)}", all(a == e for a, e in claimed)),
-        (f"export answers as the run on all questions: {same}/{len(qs)} identical (reported)", True),
+        (f"new identity on held-out identity questions: {sum(NAME in a for a in pick(after, identity))}/"
+         f"{len(pick(after, identity))}", all(NAME in a for a in pick(after, identity))),
+        ("general knowledge kept: France's capital is still Paris", all("Paris" in a for a in pick(after, france))),
+        (f"the export claims the same: the new name {sum(NAME in e for e in pick(exported, identity))}/"
+         f"{len(pick(exported, identity))}, Paris {sum('Paris' in e for e in pick(exported, france))}/"
+         f"{len(pick(exported, france))}",
+         all(NAME in e for e in pick(exported, identity)) and all("Paris" in e for e in pick(exported, france))),
+        (f"export answers as the run word for word: {same}/{len(qs)} (reported)", True),
     ]
 
 
