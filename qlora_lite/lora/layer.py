@@ -13,10 +13,12 @@ import torch
 from torch import nn
 
 from ..errors import QloraError
-from ..model.quant import keeps_dequantized_weights, linear_4bit, logical_numel
+from ..model.quant import keeps_dequantized_weights, linear_4bit, logical_numel, quant_state
 from ..recipe import LoraConfig
+from ..utils import env
 from ..utils.dtypes import torch_dtype
 from .dora import dora_delta, init_magnitude
+from .fused import group_shared_inputs, lora_forward
 
 ADAPTER_PARAM_NAMES = ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector")
 
@@ -44,15 +46,19 @@ class LoRADropout(nn.Dropout):
 
     def drop(self, x: torch.Tensor) -> torch.Tensor:
         """x with each element zeroed with probability p, not rescaled (training only)."""
+        return x * self.keep_mask(x)
+
+    def keep_mask(self, x: torch.Tensor) -> torch.Tensor:
+        """1 where x is kept (probability 1 - p), 0 where dropped: bool on a GPU, x's dtype on CPU."""
         if x.device.type != "cpu":
-            return x * torch.empty(x.shape, dtype=torch.bool, device=x.device).bernoulli_(1.0 - self.p)
+            return torch.empty(x.shape, dtype=torch.bool, device=x.device).bernoulli_(1.0 - self.p)
         n = x.numel()
         u = torch.empty((n + 3) // 4, dtype=torch.int64).random_().view(torch.int16)[:n]
         # keep = (u >= threshold) as 0/1, in int16 arithmetic: bool tensors take slow paths.
         threshold = round(self.p * 2**_UNIFORM_BITS)
         keep = u.bitwise_and_(2**_UNIFORM_BITS - 1).sub_(threshold - 1).clamp_(0, 1).view(x.shape)
         one = _ONE_BITS.get(x.dtype)
-        return x * (keep.mul_(one).view(x.dtype) if one else keep.to(x.dtype))
+        return keep.mul_(one).view(x.dtype) if one else keep.to(x.dtype)
 
 
 class LoRALinear(nn.Module):
@@ -84,9 +90,15 @@ class LoRALinear(nn.Module):
         # DoRA's magnitude (lora/dora.py); None for plain LoRA.
         self.register_parameter("lora_magnitude_vector", None)
         self.keep_dequantized = False  # set by keep_dequantized_weights
+        self.fused = False  # the fused path (fused.py) where it applies; set by attach_lora
+        self.shared_input = None  # the fused.SharedInput of the linears that read this one's input
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (..., d_in) -> (..., d_out)."""
+        if self.fused and self.fusable(x):
+            if self.shared_input is not None:
+                return self.shared_input(self, x, self.dropout_mask)
+            return lora_forward([self], x, self.dropout_mask(x))[0]
         out = linear_4bit(self.base, x) if self.keep_dequantized else self.base(x)
         # Under autocast the matmul dtype is chosen for us; outside it, run the adapter in
         # its own dtype and cast back, as PEFT does, so both stacks round identically.
@@ -105,6 +117,23 @@ class LoRALinear(nn.Module):
             h, scale = self.lora_A(a_in), self.scale
         delta = self.lora_B(h * scale)
         return out + delta.to(out.dtype)
+
+    def fusable(self, x: torch.Tensor) -> bool:
+        """Whether fused.py computes this layer for `x`: plain LoRA (not DoRA), x in the adapters'
+        dtype and in the base's compute dtype, the base's weight unsharded and in a layout it reads."""
+        if self.lora_magnitude_vector is not None or x.dtype != self.lora_A.weight.dtype:
+            return False
+        base = self.base
+        qs = quant_state(base.weight)
+        if qs is None:
+            return base.weight.dtype == x.dtype and getattr(base, "sharded_quant_state", None) is None
+        return base.compute_dtype == x.dtype and not getattr(qs, "packing_format_for_cpu", False)
+
+    def dropout_mask(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Dropout's keep mask for x in training with dropout, else None."""
+        if self.training and isinstance(self.dropout, LoRADropout) and self.dropout.p > 0:
+            return self.dropout.keep_mask(x)
+        return None
 
     def extra_repr(self) -> str:
         return f"r={self.r}, alpha={self.alpha}, scale={self.scale:g}"
@@ -194,7 +223,18 @@ def attach_lora(model: nn.Module, cfg: LoraConfig, targets: list[str] | None = N
             init_magnitude(getattr(parent, child))
     mark_only_lora_trainable(model)
     keep_dequantized_weights(model, _module_device(model), _checkpointing(model))
+    use_fused(model, env.enabled(env.FUSED))
     return list(targets)
+
+
+def use_fused(model: nn.Module, on: bool = True) -> None:
+    """Run the model's LoRA linears through fused.py where it applies (`LoRALinear.fusable`), the
+    linears that read one input (q/k/v, gate/up) in one call; `on=False` restores the unfused path."""
+    modules = lora_modules(model)
+    for m in modules.values():
+        m.fused, m.shared_input = on, None
+    if on:
+        group_shared_inputs(modules)
 
 
 def keep_dequantized_weights(model: nn.Module, device, gradient_checkpointing: bool) -> None:
