@@ -14,7 +14,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "qlora_lite"
 # The layers, lowest first: a module may import its own layer and the ones before it. A folder is
 # one layer; a module at the top of the package is a layer of its own.
-LAYERS = ["_moved", "errors", "utils", "recipe", "data", "model", "lora", "ops", "parallel", "runs", "generate", "train",
+LAYERS = ["_moved", "errors", "utils", "recipe", "data", "ops", "model", "lora", "parallel", "runs", "generate", "train",
           "memory", "export", "cli", "__main__", "__init__"]
 MAX_FUNCTION_LINES = 60
 
@@ -177,3 +177,10 @@ def test_the_wheel_ships_every_subpackage_and_the_model_configs(tmp_path):
     assert folders <= {n.rsplit("/", 1)[0] for n in names}
     shipped = {n.rsplit("/", 1)[1] for n in names if n.startswith("qlora_lite/memory/configs/")}
     assert shipped == {p.name for p in (PACKAGE / "memory" / "configs").glob("*.json")} and "llama-2-7b.json" in shipped
+
+
+def test_every_folder_of_the_package_is_a_regular_package():
+    """An __init__.py in each: a folder a .gitignore hides from git still imports as a namespace
+    package here, and goes missing from a clone."""
+    folders = {p.parent for p in PACKAGE.rglob("*.py")}
+    assert all((f / "__init__.py").is_file() for f in folders), sorted(str(f) for f in folders)
