@@ -54,7 +54,7 @@ def measure_mode(recipe: Recipe, mode: str, steps: int = 3, seq_len: int = 256, 
         device (str): "cpu" or "cuda". Default "cpu".
         seed (int): seeds the random tokens. Default 0.
     """
-    from ..train.optim import build_optimizer
+    from ..train.optim import build_optimizer, optimizer_params
     from ..train.setup import build_model
 
     t0 = time.perf_counter()
@@ -63,6 +63,7 @@ def measure_mode(recipe: Recipe, mode: str, steps: int = 3, seq_len: int = 256, 
     model.train()
     tc, compute = recipe.train, recipe.model.quantization.compute_dtype
     opt = build_optimizer(tc.optimizer, trainable, tc.lr, tc.weight_decay, full_precision=mode == "full")
+    stepped = optimizer_params(opt)
     scaler = grad_scaler(compute, recipe.lora.dtype, device) if mode != "full" else None
     plan = random_steps(model.get_input_embeddings().weight.shape[0], steps, 2 if tc.grad_accum > 1 else 1,
                         batch_size, seq_len, seed)
@@ -72,7 +73,7 @@ def measure_mode(recipe: Recipe, mode: str, steps: int = 3, seq_len: int = 256, 
     losses = []
     with tracker:
         for step, batches in enumerate(plan):
-            r = train_step(model, batches, trainable, opt, device=device, max_grad_norm=tc.max_grad_norm,
+            r = train_step(model, batches, stepped, opt, device=device, max_grad_norm=tc.max_grad_norm,
                            loss_chunk_size=tc.loss_chunk_size, autocast=autocast_context(device, compute),
                            scaler=scaler, phase=lambda name, s=step: tracker.set_phase(name, s))
             losses.append(r.loss)

@@ -50,12 +50,13 @@ def measure_rank(recipe: Recipe, world: World, steps: int = 2, seq_len: int = 64
         seq_len (int): tokens per sample.
         seed (int): random tokens (the same on every rank: memory does not depend on them).
     """
-    from ..train.optim import build_optimizer
+    from ..train.optim import build_optimizer, optimizer_params
     from ..train.setup import build_model
 
     t = recipe.train
     model, params = build_model(recipe, "cpu", world)
     opt = build_optimizer(t.optimizer, params, t.lr, t.weight_decay)
+    params = optimizer_params(opt)
     model.train()
     plan = random_steps(model.get_input_embeddings().weight.shape[0], steps, 2 if t.grad_accum > 1 else 1,
                         t.micro_batch_size, seq_len, seed)

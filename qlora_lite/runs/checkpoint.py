@@ -201,14 +201,21 @@ def load_checkpoint(path: str | Path, model, optimizer, scheduler, scaler=None, 
     """
     ckpt = read_checkpoint(path)
     load_adapter(model, ckpt.adapter_dir, fix=ckpt.fix)
-    if ckpt.sharded_optimizer:  # an FSDP run wrote it: keyed by parameter name, tensors whole
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-        set_optimizer_state_dict(model, optimizer, ckpt.optimizer, options=StateDictOptions(full_state_dict=True))
-    else:
-        _apply_state(ckpt.path / "optimizer.pt", ckpt.optimizer, optimizer, ckpt.fix)
-        restore_paged_state(optimizer)
+    state = by_position(model, optimizer, ckpt.optimizer) if ckpt.sharded_optimizer else ckpt.optimizer
+    _apply_state(ckpt.path / "optimizer.pt", state, optimizer, ckpt.fix)
+    restore_paged_state(optimizer)
     return restore_schedule_and_rng(ckpt, scheduler, scaler, rank, world_size)
+
+
+def by_position(model, optimizer, state: dict) -> dict:
+    """An optimizer state keyed by parameter name (what an FSDP run writes: tensors whole) in the
+    per-position layout of `optimizer`, whose parameters are the model's (in the order it was
+    given them: a flat optimizer's `order`)."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    params = getattr(optimizer, "order", None) or [p for g in optimizer.param_groups for p in g["params"]]
+    order = [names[id(p)] for p in params]
+    return {"state": {i: state["state"][n] for i, n in enumerate(order) if n in state["state"]},
+            "param_groups": [dict(state["param_groups"][0], params=list(range(len(order))))]}
 
 
 def restore_schedule_and_rng(ckpt: Checkpoint, scheduler, scaler=None, rank: int = 0, world_size: int = 1) -> dict:

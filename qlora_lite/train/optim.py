@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 
 import torch
+
+from ..utils import env
+from .flat import FlatOptimizer, flatten
 
 # On CPU bitsandbytes keeps paged state in ordinary memory and warns on every parameter; the
 # recipe stays portable (the same paged optimizer pages on CUDA), so the warning is noise here.
@@ -28,22 +32,41 @@ def optimizer_classes() -> dict:
 
 def build_optimizer(name: str, params, lr: float, weight_decay: float,
                     full_precision: bool = False) -> torch.optim.Optimizer:
-    """The optimizer of train.optimizer over `params`.
+    """The optimizer of train.optimizer over `params`, stepping them as flat buffers (flat.py)
+    unless they are FSDP shards or QLORA_LITE_FLAT=0.
 
     Args:
         name (str): paged_adamw_8bit | paged_adamw_32bit | adamw_8bit | adamw.
-        params (list[Tensor]): the trainable parameters.
+        params (list[Tensor]): the trainable parameters. Flattening makes their data and
+            gradients views into the optimizer's buffers (`optimizer_params`).
         lr (float): peak learning rate. weight_decay (float): AdamW's.
-        full_precision (bool): fp32 Adam state whatever the name, paged when the name is:
-            the full fine-tune that profile compares against. Default False.
+        full_precision (bool): fp32 Adam state whatever the name, paged when the name is, on
+            the tensors as they are: the full fine-tune that profile compares against. Default False.
     """
     import bitsandbytes as bnb
 
     if full_precision:
         cls = bnb.optim.PagedAdamW32bit if name.startswith("paged") else bnb.optim.AdamW32bit
-    else:
-        cls = optimizer_classes()[name]
-    return cls(params, lr=lr, weight_decay=weight_decay)
+        return cls(params, lr=lr, weight_decay=weight_decay)
+    cls, params = optimizer_classes()[name], list(params)
+    if not env.enabled(env.FLAT) or any(hasattr(p, "device_mesh") for p in params):  # FSDP's DTensor shards
+        return cls(params, lr=lr, weight_decay=weight_decay)
+    buffers = flatten(params, eight_bit=name.endswith("8bit"))
+    optimizer = flat_class(cls)([b.param for b in buffers], lr=lr, weight_decay=weight_decay)
+    optimizer.flat, optimizer.order, optimizer.unflat_class = buffers, params, cls
+    return optimizer
+
+
+@functools.lru_cache(maxsize=None)
+def flat_class(cls: type) -> type:
+    """`cls` with FlatOptimizer's state layout and 32-bit buffers (one class per optimizer class)."""
+    return type(f"Flat{cls.__name__}", (FlatOptimizer, cls), {})
+
+
+def optimizer_params(optimizer) -> list[torch.Tensor]:
+    """The tensors the optimizer steps (a flat optimizer's buffers): what clipping and a
+    data-parallel gradient sum go over."""
+    return [p for group in optimizer.param_groups for p in group["params"]]
 
 
 def lr_lambda(kind: str, warmup: int, total: int):

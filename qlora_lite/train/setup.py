@@ -24,7 +24,7 @@ from ..utils.host_memory import return_freed_memory
 from .batches import plan_epoch
 from .evaluate import eval_loss
 from .metrics import LogWindow, reset_peak_memory, truncate_metrics
-from .optim import apply_schedule, build_optimizer, build_scheduler
+from .optim import apply_schedule, build_optimizer, build_scheduler, optimizer_params
 from .parallel_run import load_parallel, prepare_parallel, save_parallel, saved_world_size
 from .step import autocast_context, grad_scaler
 from .tracking import Tracker, open_trackers
@@ -113,6 +113,7 @@ def setup_run(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> 
     if world.main:
         print(trainable_summary(model))
     optimizer = build_optimizer(t.optimizer, params, t.lr, t.weight_decay)
+    params = optimizer_params(optimizer)  # flat buffers: clipped and summed over ranks as a few tensors
     steps_per_epoch = max(1, len(plan_epoch(train_set, cfg, 0)) // (t.grad_accum * world.size))  # global steps
     total_steps = t.max_steps or t.epochs * steps_per_epoch
     scheduler = build_scheduler(optimizer, t.lr_scheduler, t.warmup_steps, total_steps)

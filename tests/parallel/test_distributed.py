@@ -26,7 +26,13 @@ from qlora_lite.runs.checkpoint import checkpoint_dirs
 from qlora_lite.train.loop import train
 
 REPO = Path(__file__).resolve().parents[2]
-TOL = 1e-5
+TOL = 1e-5  # the same path twice (a run and its resume): equal but for summation order
+# One process accumulating micro-batches against several summing theirs: the fused LoRA backward
+# adds each micro-batch's adapter gradient into the flat bf16 buffer inside its matmul (one
+# rounding), where ranks round their gradients and then sum them; after a few steps losses differ
+# by a few 1e-4 and weights by a bf16 unit in the last place. A wrong normaliser or a missing sum
+# is off by a factor.
+WORLD_TOL = dict(loss=2e-3, weights=1e-2)
 pytestmark = pytest.mark.slow
 
 
@@ -57,15 +63,16 @@ def adapters(run_dir) -> dict[str, torch.Tensor]:
     return load_file(str(Path(run_dir) / "adapter" / "adapter_model.safetensors"))
 
 
-def assert_same_run(a, b, steps=None):
+def assert_same_run(a, b, steps=None, tol=None):
+    tol = tol or dict(loss=TOL, weights=TOL)
     la, lb = losses(a), losses(b)
     assert sorted(la) == sorted(lb) and (steps is None or sorted(la) == steps)
     for s in la:
-        assert la[s] == pytest.approx(lb[s], rel=TOL, abs=TOL), (s, la[s], lb[s])
+        assert la[s] == pytest.approx(lb[s], rel=tol["loss"], abs=tol["loss"]), (s, la[s], lb[s])
     wa, wb = adapters(a), adapters(b)
     assert wa.keys() == wb.keys()
     for k in wa:
-        torch.testing.assert_close(wa[k].float(), wb[k].float(), rtol=TOL, atol=TOL)
+        torch.testing.assert_close(wa[k].float(), wb[k].float(), rtol=tol["weights"], atol=tol["weights"])
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +91,7 @@ def test_two_processes_train_what_one_process_with_twice_the_accumulation_trains
     one = small(data_file, tmp / "one", grad_accum=2)
     one.lora.dropout = 0.0
     s = train(one)
-    assert_same_run(tmp / "two", tmp / "one", steps=[1, 2, 3, 4])
+    assert_same_run(tmp / "two", tmp / "one", steps=[1, 2, 3, 4], tol=WORLD_TOL)
     two = json.loads((tmp / "two/summary.json").read_text())
     assert two["world_size"] == 2 and two["distributed"] == "ddp" and two["peak_memory_rank"] in (0, 1)
     assert two["tokens"] == s["tokens"] and two["trained_tokens"] == s["trained_tokens"]
@@ -103,7 +110,7 @@ def test_a_two_process_run_resumes_on_one_process_at_the_same_global_sample(ddp_
     resumed.train.grad_accum = 2
     s = train(resumed, resume=True)
     assert s["steps"] == 4 and "world_size" not in s
-    assert_same_run(tmp / "two", tmp / "to-one", steps=[1, 2, 3, 4])
+    assert_same_run(tmp / "two", tmp / "to-one", steps=[1, 2, 3, 4], tol=WORLD_TOL)
 
 
 def test_a_resumed_two_process_run_equals_the_straight_one(data_file, tmp_path):
@@ -166,7 +173,7 @@ def fsdp_run(data_file, tmp_path_factory):
 
 def test_fsdp_two_processes_train_what_one_process_with_twice_the_accumulation_trains(fsdp_run, data_file):
     train(fsdp_recipe(data_file, fsdp_run / "one", grad_accum=2))
-    assert_same_run(fsdp_run / "two", fsdp_run / "one", steps=[1, 2, 3, 4])
+    assert_same_run(fsdp_run / "two", fsdp_run / "one", steps=[1, 2, 3, 4], tol=WORLD_TOL)
     assert json.loads((fsdp_run / "two/summary.json").read_text())["distributed"] == "fsdp"
 
 
@@ -209,7 +216,7 @@ def test_an_fsdp_run_resumes_on_two_and_on_one_process(fsdp_run, data_file):
             assert code == 0 and "resumed from" in out, out
         else:
             train(recipe, resume=True)
-        assert_same_run(fsdp_run / "two", fsdp_run / name, steps=[1, 2, 3, 4])
+        assert_same_run(fsdp_run / "two", fsdp_run / name, steps=[1, 2, 3, 4], tol=None if nproc == 2 else WORLD_TOL)
 
 
 def test_fsdp_rank_memory_is_half_the_base_and_matches_the_estimate(tmp_path):
