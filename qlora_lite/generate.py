@@ -59,7 +59,8 @@ def load_for_generation(path: str, adapter: str | None = None, device: str = "au
         from transformers import AutoModelForCausalLM
 
         try:
-            model = AutoModelForCausalLM.from_pretrained(resolve_model_path(path), dtype="auto", use_safetensors=True)
+            model = AutoModelForCausalLM.from_pretrained(resolve_model_path(path), dtype="auto", use_safetensors=True,
+                                                         use_kernels=False)
         except OSError as e:
             raise QloraError(f"Could not load model {path!r}: {e}") from None
         tok = load_tokenizer(ModelConfig(name_or_path=path))

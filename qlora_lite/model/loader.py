@@ -13,7 +13,9 @@ from pathlib import Path
 import torch
 
 from ..errors import QloraError
+from ..ops.rms_norm import use_rms_norm_function
 from ..recipe import ModelConfig, QuantizationConfig
+from ..utils import env
 from ..utils.atomic import atomic_dir
 from ..utils.dtypes import torch_dtype
 from ..utils.host_memory import copy_mapped_weights
@@ -110,6 +112,10 @@ def load_model(cfg: ModelConfig, device: str = "cpu"):
             trust_remote_code=cfg.trust_remote_code,
             use_safetensors=True,
             low_cpu_mem_usage=True,
+            # No layer kernels from the Hub (the `kernels` package, on by default where it is
+            # installed): that is code downloaded at run time, and `model.train()` would re-kernelize
+            # and put back the forwards that use_rms_norm_function and tiled_mlp replace.
+            use_kernels=False,
         )
     except OSError as e:
         raise QloraError(f"Could not load model {cfg.name_or_path!r}: {e}") from None
@@ -117,6 +123,8 @@ def load_model(cfg: ModelConfig, device: str = "cpu"):
     for p in model.parameters():
         p.requires_grad_(False)
     disable_cpu_weight_packing(model)
+    if env.enabled(env.FUSED):
+        use_rms_norm_function(model)  # before tiled_mlp, which wraps the norms' forward
     model.config.use_cache = False
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model)
