@@ -26,6 +26,8 @@ from .estimate_inputs import (
     FRAGMENTATION,
     Arch,
     Settings,
+    adapter_inputs,
+    flat_bytes,
     layer_linears,
     load_arch,
     nf4_bytes,
@@ -52,6 +54,9 @@ def persistent(a: Arch, s: Settings, mode: str) -> dict:
         trainable = L * [n for d_in, d_out, _ in lin for n in (s.r * d_in, s.r * d_out)]
         trainable += L * [d_out for _, d_out, _ in lin] if s.use_dora else []  # DoRA magnitudes
         elem = s.lora_bytes
+        if s.flat:  # views into flat buffers (train/flat.py): padded slots, gradient buffers as large
+            lora, state = flat_bytes(s.optimizer, trainable, elem)
+            return {"base_weights": base, "lora_params": lora, "gradients": lora, "optimizer_state": state}
         lora, kind = elem * sum(trainable), s.optimizer
     grads = elem * sum(trainable)
     return {"base_weights": base, "lora_params": lora, "gradients": grads,
@@ -62,9 +67,10 @@ def layer_recompute_per_token(a: Arch, s: Settings, mode: str) -> int:
     """Bytes per token alive while backward runs through one recomputed decoder layer."""
     h, i, nh = a.hidden_size, a.intermediate_size, a.num_attention_heads
     q, kv = nh * a.head_dim, a.num_key_value_heads * a.head_dim
-    # RMSNorms keep an fp32 copy, the normalised output and rsqrt; attention keeps the
-    # rotated q and k, its output and a log-sum-exp per head.
-    common = 18 * h + 8 + 4 * q + 4 * kv + 4 * nh
+    # Attention keeps the rotated q and k, its output and a log-sum-exp per head; the RMSNorms
+    # (ops/rms_norm.py) their input and one fp32 rsqrt per token. transformers' own norms kept an
+    # fp32 copy and the normalised output: 6h bytes a token more (tracker, 2026-12-04).
+    common = 12 * h + 16 + 4 * q + 4 * kv + 4 * nh
     if mode == "full":
         return common + 12 * i  # gate/up outputs, silu, product and their grads
     lin = layer_linears(a)
@@ -72,10 +78,12 @@ def layer_recompute_per_token(a: Arch, s: Settings, mode: str) -> int:
     elem = BF16 if s.device == "cuda" else s.lora_bytes
     adapters = elem * s.r * len(lin)
     mask = 1 if s.device == "cuda" else elem  # CUDA dropout masks are bool
-    if s.dropout > 0:  # dropout's output and mask are saved
-        dropout = sum((elem + mask) * d_in for d_in, _, _ in lin)
-    else:  # without dropout only a cast of the input (fp32 adapters on CPU) is a new tensor
-        dropout = sum(elem * d_in for d_in, _, _ in lin) if elem != BF16 else 0
+    if s.dropout > 0:  # dropout's output and mask are saved, once per input the adapters share
+        dropout = sum((elem + mask) * d_in for d_in in adapter_inputs(a, s))
+    else:  # without dropout the adapters keep their inputs: the two normalised hidden states (q/k/v
+        # and gate/up share one each) and the MLP's product (the attention output is attention's
+        # own); fp32 adapters on CPU keep a cast of the input per linear instead.
+        dropout = sum(elem * d_in for d_in, _, _ in lin) if elem != BF16 else BF16 * (2 * h + i)
     # DoRA keeps each linear's base output and adapter output for the magnitude's gradient.
     dora = sum((BF16 + elem) * d_out for _, d_out, _ in lin) if s.use_dora else 0
     return common + 8 * i + adapters + dropout + dora
@@ -157,7 +165,7 @@ def estimate_mode(a: Arch, s: Settings, mode: str) -> dict:
         saved = loss_bytes(a, s, mode)[0]
         moments["backward (lm_head grads)"] = (saved, 3 * BF16 * a.vocab_size * a.hidden_size)
     grads = b["gradients"]
-    if s.grad_accum == 1:
+    if s.grad_accum == 1 and not (s.flat and mode != "full"):  # flat gradient buffers stay allocated
         # Without accumulation gradients exist only from backward to the optimizer step.
         moments = {k: (saved, temp) for k, (saved, temp) in moments.items()}
         moments["optimizer step"] = (-boundaries, grads)
@@ -214,10 +222,11 @@ def tiled_moments(a: Arch, s: Settings, mode: str) -> dict:
     tokens, tile = s.micro_batch_size * s.max_seq_len, tiled_mlp_tokens(a, s)
     cpu, drop = s.device != "cuda", s.dropout > 0 and mode != "full"
     mask = BF16 if cpu else 1
-    lin = layer_linears(a)
     if drop:
-        attn_in = sum((BF16 + mask) * d_in for d_in, _, _ in lin[:4])
-        mlp_in = sum((BF16 + mask) * d_in for d_in, _, _ in lin[4:]) + (BF16 * i if cpu else 0)  # CPU bernoulli scratch
+        inputs = adapter_inputs(a, s)
+        split = 2 if s.fused else 4  # the attention's inputs first, then the MLP's
+        attn_in = sum((BF16 + mask) * d_in for d_in in inputs[:split])
+        mlp_in = sum((BF16 + mask) * d_in for d_in in inputs[split:]) + (BF16 * i if cpu else 0)  # CPU mask scratch
     else:
         attn_in, mlp_in = BF16 * (h + q), BF16 * (h + i)
     adapters = 2 * s.r * 4 if mode != "full" else 0

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from ..errors import QloraError
 from ..recipe import LORA_DTYPES, STRATEGIES, LoraConfig, ModelConfig, Recipe, TrainConfig
+from ..train.flat import OPT8_BLOCK, OPT8_MIN_SIZE, buffer_numels
 from ..utils.dtypes import torch_dtype
 from ..utils.readers import read_json
 
@@ -18,8 +19,6 @@ NF4_BLOCK = 64  # elements per absmax
 NF4_BLOCK2 = 256  # absmax values per second-level (fp32) absmax
 # Per quantized weight: NF4 code (16 fp32), nested absmax code (256 fp32), fp32 offset.
 NF4_CONSTANTS = 16 * 4 + 256 * 4 + 4
-OPT8_MIN_SIZE = 4096  # bitsandbytes keeps 32-bit state for smaller tensors
-OPT8_BLOCK = 256
 OPT8_QMAPS = 2 * 256 * 4  # the shared signed/unsigned dynamic maps
 # What a card can give to tensors: the CUDA context and allocator fragmentation are not ours.
 CUDA_CONTEXT = 0.5 * 2**30
@@ -100,6 +99,16 @@ class Settings:
     def lora_bytes(self) -> int:
         """Bytes per adapter element."""
         return torch_dtype(self.dtype).itemsize
+
+    @property
+    def fused(self) -> bool:
+        """Whether the LoRA linears run fused (lora/fused.py): adapters in the bf16 compute dtype, no DoRA."""
+        return self.dtype == "bfloat16" and not self.use_dora
+
+    @property
+    def flat(self) -> bool:
+        """Whether the optimizer steps the adapters as flat buffers (all but FSDP's shards)."""
+        return not (self.distributed == "fsdp" and self.nproc > 1)
 
     def recipe_values(self) -> dict:
         """The settings under their recipe keys ("lora.r": 16, ...), as the estimate's JSON shows them."""
@@ -213,6 +222,13 @@ def layer_linears(a: Arch) -> list[tuple[int, int, bool]]:
     return [(h, q, b), (h, kv, b), (h, kv, b), (q, h, False), (h, i, False), (h, i, False), (i, h, False)]
 
 
+def adapter_inputs(a: Arch, s: Settings) -> list[int]:
+    """The width of each input a layer's adapters drop out and keep: one per linear, or with the
+    fused path one per set of linears that read one input (q/k/v, o, gate/up, down)."""
+    q, h, i = a.num_attention_heads * a.head_dim, a.hidden_size, a.intermediate_size
+    return [h, q, h, i] if s.fused else [d_in for d_in, _, _ in layer_linears(a)]
+
+
 def nf4_bytes(n: int) -> int:
     """Bytes of an n-element NF4 weight with double quantization: 4 bits + uint8 absmax per
     64 + fp32 absmax per 256 blocks + constants (about 4.127 bits per parameter)."""
@@ -220,7 +236,7 @@ def nf4_bytes(n: int) -> int:
     return n // 2 + blocks + 4 * math.ceil(blocks / NF4_BLOCK2) + NF4_CONSTANTS
 
 
-def optimizer_bytes(kind: str, numels: list[int], elem_bytes: int = BF16) -> int:
+def optimizer_bytes(kind: str, numels: list[int], elem_bytes: int = BF16, fp32_state: bool = False) -> int:
     """Optimizer state for trainable tensors of `numels` elements.
 
     Args:
@@ -228,11 +244,23 @@ def optimizer_bytes(kind: str, numels: list[int], elem_bytes: int = BF16) -> int
             / "adamw32" (fp32 state), "adamw" (torch: state in the parameter dtype + a step scalar).
         numels (list[int]): elements per trainable tensor.
         elem_bytes (int): parameter dtype size (torch AdamW). Default 2.
+        fp32_state (bool): a bnb 8-bit optimizer keeps 32-bit state for these whatever their
+            size (train/flat.py's small-tensor buffer). Default False.
     """
     if kind == "adamw":
         return sum(2 * elem_bytes * n + 4 for n in numels)
-    if kind.endswith("8bit"):
+    if kind.endswith("8bit") and not fp32_state:
         big = [n for n in numels if n >= OPT8_MIN_SIZE]
         small = sum(8 * n for n in numels if n < OPT8_MIN_SIZE)
         return small + sum(2 * n + 2 * 4 * math.ceil(n / OPT8_BLOCK) for n in big) + (OPT8_QMAPS if big else 0)
     return sum(8 * n for n in numels)
+
+
+def flat_bytes(kind: str, numels: list[int], elem_bytes: int) -> tuple[int, int]:
+    """(parameter bytes, optimizer state bytes) of adapter tensors of `numels` stepped as flat
+    buffers (train/flat.py: 8-bit tensors padded to whole 256-element blocks, small ones in a
+    32-bit-state buffer); the gradient buffers are as large as the parameter ones."""
+    eight_bit = kind.endswith("8bit")
+    buffers = buffer_numels(numels, eight_bit)
+    state = sum(optimizer_bytes(kind, [n], elem_bytes, fp32_state=small) for small, n in buffers.items())
+    return elem_bytes * sum(buffers.values()), state
