@@ -10,7 +10,7 @@ Alpaca samples (prompt + response, tokens estimated as characters / 4, or counte
 --tokenizer) packed best-fit into rows of --seq-len, and --rows of them spread over the packing
 are timed per round, through the model and, separately, one attention call per row alone (random
 q, k, v of the model's head shapes). Rounds alternate the kernels (per_sample, sdpa_padded,
-flash_varlen where it can run) after one warm-up round; the median round is reported, with each
+flash_varlen and torch_varlen where they can run) after one warm-up round; the median round is reported, with each
 kernel's loss and gradient difference from per_sample on the first row.
 """
 
@@ -85,15 +85,16 @@ def build_model(args, device: str):
 
 
 def kernels_here(device: str, dtype: torch.dtype) -> list[str]:
-    """per_sample and sdpa_padded always; flash_varlen where attention_kernel would allow it."""
+    """per_sample and sdpa_padded always; flash_varlen and torch_varlen where attention_kernel allows them."""
     from qlora_lite.errors import QloraError
     from qlora_lite.ops.attention import attention_kernel
 
     out = ["per_sample", "sdpa_padded"]
-    try:
-        out.append(attention_kernel(device, dtype, forced="flash_varlen"))
-    except QloraError:  # flash_varlen cannot run here (CPU, fp32, or flash-attn missing)
-        pass
+    for varlen in ("flash_varlen", "torch_varlen"):
+        try:
+            out.append(attention_kernel(device, dtype, forced=varlen))
+        except QloraError:  # cannot run here (CPU, fp32, or flash-attn / torch >= 2.10 missing)
+            pass
     return out
 
 

@@ -57,10 +57,14 @@ def packed_attention_grads(kernel: str, seed: int = 0):
     return out.float(), torch.cat([t.flatten().float() for t in grads])
 
 
-@pytest.mark.parametrize("kernel", ["sdpa_padded", "flash_varlen"])
+@pytest.mark.parametrize("kernel", ["sdpa_padded", "flash_varlen", "torch_varlen"])
 def test_one_launch_packed_kernels_match_per_sample_sdpa_on_cuda(kernel):
+    from qlora_lite.ops.packed_kernels import torch_varlen_available
+
     if kernel == "flash_varlen":
         pytest.importorskip("flash_attn")
+    if kernel == "torch_varlen" and not torch_varlen_available():
+        pytest.skip("torch.nn.attention.varlen needs torch >= 2.10")
     want_out, want = packed_attention_grads("per_sample")
     out, got = packed_attention_grads(kernel)
     assert torch.isfinite(got).all()

@@ -20,7 +20,7 @@ import os
 import torch
 
 from ..errors import QloraError
-from .packed_kernels import KERNELS, PackedRows
+from .packed_kernels import KERNELS, PackedRows, torch_varlen_available
 
 PACKED_ATTENTION = "qlora_lite_packed"
 # The forward kwarg that carries one forward's sample bounds down to every attention call.
@@ -46,12 +46,13 @@ def flash_attn_installed() -> bool:
 
 
 def attention_kernel(device: torch.device | str, dtype: torch.dtype, forced: str | None = None) -> str:
-    """The kernel packed rows run on: "flash_varlen", "sdpa_padded" or "per_sample".
+    """The kernel packed rows run on: "flash_varlen", "torch_varlen", "sdpa_padded" or "per_sample".
 
-    On CUDA: FlashAttention-2's varlen kernel when it is installed and the dtype is fp16/bf16,
-    else SDPA over end-padded samples (a few launches per layer instead of one per sample);
-    neither CUDA path's speed is measured yet: no GPU was lent when they were written. On CPU:
-    the measured faster one, CPU_KERNEL.
+    On CUDA in fp16/bf16: FlashAttention-2's varlen kernel, from flash-attn when it is installed,
+    else from torch itself (torch >= 2.10); otherwise SDPA over end-padded samples (a few launches
+    per layer instead of one per sample). Which of them is fastest on a GPU is not measured yet
+    (bench/gpu_speed.py and checks/gpu_check.py stage b2 time them). On CPU: the measured faster
+    one, CPU_KERNEL.
 
     Args:
         device (torch.device | str): where the attention runs.
@@ -61,19 +62,22 @@ def attention_kernel(device: torch.device | str, dtype: torch.dtype, forced: str
     """
     device = torch.device(device)
     forced = forced or os.environ.get(KERNEL_ENV) or None
-    flash_ok = device.type == "cuda" and dtype in HALF and flash_attn_installed()
+    half_cuda = device.type == "cuda" and dtype in HALF
+    runs = {"flash_varlen": half_cuda and flash_attn_installed(), "torch_varlen": half_cuda and torch_varlen_available()}
     if forced is not None:
         if forced not in KERNELS:
             raise QloraError(f"Unknown packed attention kernel {forced!r} (from {KERNEL_ENV} or the caller); "
                              f"use one of {', '.join(KERNELS)}.")
-        if forced == "flash_varlen" and not flash_ok:
-            raise QloraError(f"The flash_varlen attention kernel needs CUDA, fp16/bf16 and flash-attn "
-                             f"(pip install 'qlora-lite[flash]'); here: {device.type}, {dtype}, flash-attn "
-                             f"{'installed' if flash_attn_installed() else 'not installed'}. Unset {KERNEL_ENV} "
-                             "or pick sdpa_padded.")
+        if not runs.get(forced, True):
+            needs = ("flash-attn (pip install 'qlora-lite[flash]')" if forced == "flash_varlen"
+                     else "torch >= 2.10 (torch.nn.attention.varlen)")
+            raise QloraError(f"The {forced} attention kernel needs CUDA, fp16/bf16 and {needs}; here: "
+                             f"{device.type}, {dtype}, flash-attn "
+                             f"{'installed' if flash_attn_installed() else 'not installed'}, torch "
+                             f"{torch.__version__}. Unset {KERNEL_ENV} or pick sdpa_padded.")
         return forced
     if device.type == "cuda":
-        return "flash_varlen" if flash_ok else "sdpa_padded"
+        return next((name for name in ("flash_varlen", "torch_varlen") if runs[name]), "sdpa_padded")
     return CPU_KERNEL
 
 
@@ -130,7 +134,8 @@ def packed_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0,
         packed_sample_bounds (PackedRows | list | None): the forward's layout, made once per
             forward by `add_sample_bounds`; built here when absent.
         kernel (str | None): force a kernel (packed_kernels.KERNELS); default `attention_kernel`.
-        varlen_fn (callable | None): flash_varlen's varlen function (tests). Default flash-attn's.
+        varlen_fn (callable | None): the varlen function of `kernel` (flash_varlen by default),
+            a test's stand-in that runs anywhere. Default the kernel's own.
 
     Returns: ([B, L, H, D] attention output, None)
     """
@@ -143,8 +148,8 @@ def packed_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0,
     rows = packed_sample_bounds
     if not isinstance(rows, PackedRows):
         rows = PackedRows(rows if rows is not None else sample_bounds(position_ids), query.shape[2])
-    if varlen_fn is not None:
-        return KERNELS["flash_varlen"](query, key, value, rows, dropout, scaling, varlen_fn=varlen_fn), None
+    if varlen_fn is not None:  # a test's stand-in for a varlen kernel's function, run wherever
+        return KERNELS[kernel or "flash_varlen"](query, key, value, rows, dropout, scaling, varlen_fn=varlen_fn), None
     name = attention_kernel(query.device, query.dtype, kernel)
     return KERNELS[name](query, key, value, rows, dropout, scaling), None
 

@@ -9,10 +9,15 @@ lets a real token see it, and it carries no loss.
 - `sdpa_padded`: the samples gathered into [n_samples, H, max_len, D] batches padded at the end,
   one per length bucket, one causal SDPA call each, scattered back (a few launches per layer).
 - `flash_varlen`: FlashAttention-2's varlen kernel on the flat [B*L, H, D] tokens with cu_seqlens.
+- `torch_varlen`: the same kernel inside PyTorch (`torch.nn.attention.varlen.varlen_attn`, torch
+  >= 2.10 on CUDA): no extra package.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib.util
+import inspect
 from dataclasses import dataclass, field
 
 import torch
@@ -186,4 +191,48 @@ def flash_varlen(q, k, v, rows: PackedRows, dropout: float = 0.0, scale: float |
     return out.view(b, length, heads, d)
 
 
-KERNELS = {"per_sample": per_sample, "sdpa_padded": sdpa_padded, "flash_varlen": flash_varlen}
+def torch_varlen(q, k, v, rows: PackedRows, dropout: float = 0.0, scale: float | None = None,
+                 varlen_fn=None) -> torch.Tensor:
+    """PyTorch's varlen attention (FlashAttention-2 inside torch) over the flat tokens: one launch.
+
+    Its signature changed between torch 2.10 (`is_causal`) and 2.12 (`window_size`, `enable_gqa`):
+    the keywords are read off the function. It has no dropout: with attention dropout the padded
+    kernel runs instead.
+
+    Args:
+        varlen_fn (callable | None): a function with varlen_attn's signature; default torch's
+            (a test passes a pure-torch one).
+    """
+    if dropout > 0:
+        return sdpa_padded(q, k, v, rows, dropout, scale)
+    if varlen_fn is None:
+        from torch.nn.attention.varlen import varlen_attn as varlen_fn
+    b, heads, length, d = q.shape
+    cu_seqlens, max_seqlen = rows.varlen_index(q.device)
+    out = varlen_fn(_flat(q), _flat(k), _flat(v), cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, scale=scale,
+                    **varlen_causal(varlen_fn, grouped=k.shape[1] != heads))
+    return out.view(b, length, heads, d)
+
+
+def varlen_causal(fn, grouped: bool) -> dict:
+    """The keywords that make `fn` (a varlen_attn of some torch version) causal, grouped-query aware."""
+    params = inspect.signature(fn).parameters
+    kwargs = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
+    if "enable_gqa" in params:
+        kwargs["enable_gqa"] = grouped
+    return kwargs
+
+
+@functools.lru_cache(maxsize=1)
+def torch_varlen_available() -> bool:
+    """Whether this torch has varlen_attn with a causal switch (torch >= 2.10)."""
+    if importlib.util.find_spec("torch.nn.attention.varlen") is None:
+        return False
+    from torch.nn.attention.varlen import varlen_attn
+
+    params = inspect.signature(varlen_attn).parameters
+    return "window_size" in params or "is_causal" in params
+
+
+KERNELS = {"per_sample": per_sample, "sdpa_padded": sdpa_padded, "flash_varlen": flash_varlen,
+           "torch_varlen": torch_varlen}

@@ -31,6 +31,18 @@ def reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, softmax_scale
     return torch.cat(out)
 
 
+def reference_torch_varlen(q, k, v, cu_q, cu_k, max_q, max_k, *, return_aux=None, scale=None, window_size=(-1, -1),
+                           enable_gqa=False, seqused_k=None, block_table=None, num_splits=None):
+    """torch.nn.attention.varlen.varlen_attn (torch 2.13's signature) in pure torch."""
+    assert window_size == (-1, 0) and enable_gqa == (k.shape[1] != q.shape[1])
+    return reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, 0.0, softmax_scale=scale, causal=True)
+
+
+def reference_torch_varlen_2_10(q, k, v, cu_q, cu_k, max_q, max_k, *, is_causal=False, return_aux=None, scale=None):
+    """varlen_attn as torch 2.10 and 2.11 declare it: `is_causal`, no `enable_gqa`."""
+    return reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, 0.0, softmax_scale=scale, causal=is_causal)
+
+
 def tiny_fp32_llama():
     """Two layers, 4 query heads on 2 key/value heads, fp32, checkpointed, in train mode."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -66,7 +78,8 @@ def test_padded_and_varlen_kernels_train_like_the_per_sample_loop(rows):
     model = tiny_fp32_llama()
     use_packed_attention(model, kernel="per_sample")
     want_loss, want = loss_and_grads(model, batch)
-    for kernel, fn in (("sdpa_padded", None), ("flash_varlen", reference_varlen)):
+    for kernel, fn in (("sdpa_padded", None), ("flash_varlen", reference_varlen),
+                       ("torch_varlen", reference_torch_varlen), ("torch_varlen", reference_torch_varlen_2_10)):
         use_packed_attention(model, kernel=kernel, varlen_fn=fn)
         loss, got = loss_and_grads(model, batch)
         assert torch.isfinite(got).all(), kernel
@@ -132,7 +145,11 @@ def test_one_rule_picks_the_kernel(monkeypatch):
     monkeypatch.delenv(KERNEL_ENV, raising=False)
     assert attention_kernel("cpu", torch.bfloat16) == attention.CPU_KERNEL
     monkeypatch.setattr(attention, "flash_attn_installed", lambda: False)
+    monkeypatch.setattr(attention, "torch_varlen_available", lambda: False)
     assert attention_kernel("cuda", torch.bfloat16) == "sdpa_padded"
+    monkeypatch.setattr(attention, "torch_varlen_available", lambda: True)
+    assert attention_kernel("cuda", torch.bfloat16) == "torch_varlen"  # in torch itself: no package to install
+    assert attention_kernel("cuda", torch.float32) == "sdpa_padded"
     monkeypatch.setattr(attention, "flash_attn_installed", lambda: True)
     assert attention_kernel("cuda", torch.bfloat16) == "flash_varlen"
     assert attention_kernel("cuda", torch.float16) == "flash_varlen"
@@ -149,4 +166,7 @@ def test_a_kernel_that_cannot_run_is_refused_with_the_fix(monkeypatch):
         attention_kernel("cpu", torch.float32)
     monkeypatch.setenv(KERNEL_ENV, "flash_varlen")
     with pytest.raises(QloraError, match=r"needs CUDA.*qlora-lite\[flash\].*cpu"):
+        attention_kernel("cpu", torch.bfloat16)
+    monkeypatch.setenv(KERNEL_ENV, "torch_varlen")
+    with pytest.raises(QloraError, match=r"torch_varlen attention kernel needs CUDA.*torch >= 2.10.*cpu"):
         attention_kernel("cpu", torch.bfloat16)
