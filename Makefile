@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 SMOLLM2 := .cache/models/smollm2-135m-instruct
 
-.PHONY: demo demo-tiny smollm2 test test-fast install clean
+.PHONY: demo demo-tiny smollm2 test test-fast install clean gpu-carry
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -44,5 +44,17 @@ test: install
 test-fast: install
 	$(BIN)/python -m pytest tests -m "not slow and not gpu" -q
 
+# What a lent GPU machine lacks (no network there; Python 3.12, torch, transformers, peft, pyarrow
+# present): wheels of bitsandbytes, trl, datasets, dill and multiprocess (about 45 MB), and the
+# Alpaca rows. Carry .gpu-carry and run checks/gpu_session.sh there (docs/gpu.md).
+GPU_CARRY := .gpu-carry
+gpu-carry: install
+	rm -rf $(GPU_CARRY) && mkdir -p $(GPU_CARRY)/wheels
+	$(BIN)/pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \
+		--platform manylinux2014_x86_64 -d $(GPU_CARRY)/wheels \
+		bitsandbytes==0.50.2 trl==1.16.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19
+	cp ../shared/data/alpaca_5000.json $(GPU_CARRY)/
+
 clean:
-	rm -rf runs .cache
+	rm -rf runs .cache $(GPU_CARRY)

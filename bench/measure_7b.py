@@ -27,8 +27,9 @@ from qlora_lite.memory.estimate import estimate_mode
 from qlora_lite.memory.estimate_inputs import CONFIG_DIR, Settings, load_arch
 from qlora_lite.memory.tracker import MemoryTracker, module_tensors
 from qlora_lite.model.loader import enable_gradient_checkpointing
+from qlora_lite.ops.rms_norm import use_rms_norm_function
 from qlora_lite.recipe import LoraConfig
-from qlora_lite.train.optim import build_optimizer
+from qlora_lite.train.optim import build_optimizer, optimizer_params
 from qlora_lite.train.step import autocast_context, train_step
 from qlora_lite.utils.units import gib, parse_size
 
@@ -75,6 +76,7 @@ def build_random_nf4(config_name: str, layers: int | None, device: str):
         model.model.rotary_emb = LlamaRotaryEmbedding(config)
     for p in model.parameters():
         p.requires_grad_(False)
+    use_rms_norm_function(model)  # as model.loader.load_model does
     return model
 
 
@@ -92,7 +94,7 @@ def _config_path(name: str) -> Path:
 def measure(model, params, opt, args, seq_len: int, batch_size: int) -> dict:
     """One micro-batch of `batch_size` x `seq_len` with gradients and optimizer state alive:
     the tracker's peak (and the CUDA allocator's) next to the estimate's prediction."""
-    tracker = MemoryTracker(module_tensors(model, params))
+    tracker = MemoryTracker(module_tensors(model, lora_parameters(model)))
     tracker.watch_optimizer(opt)
     vocab = model.config.vocab_size
     gen = torch.Generator().manual_seed(0)
@@ -184,8 +186,8 @@ def main() -> int:
     attach_lora(model, LoraConfig(r=args.lora_r, alpha=2 * args.lora_r, dropout=args.lora_dropout))
     enable_gradient_checkpointing(model)
     model.train()
-    params = lora_parameters(model)
-    opt = build_optimizer(args.optimizer, params, 1e-4, 0.0)
+    opt = build_optimizer(args.optimizer, lora_parameters(model), 1e-4, 0.0)
+    params = optimizer_params(opt)
     built = time.perf_counter() - t0
     print(f"built in {built:.0f} s", flush=True)
     results = []

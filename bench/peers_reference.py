@@ -18,8 +18,14 @@ from pathlib import Path
 REFERENCES = ("default", "tuned")
 
 
-def reference_worker(spec: dict, lora: dict) -> dict:
-    """Train one run of the HF stack from a bench spec; returns counts, time and per-step losses."""
+def reference_worker(spec: dict, lora: dict, callbacks=()) -> dict:
+    """Train one run of the HF stack from a bench spec; returns counts, time and per-step losses.
+
+    Args:
+        spec (dict): the run (bench/peers.py's spec; "optim" and "max_steps" optional).
+        lora (dict): r, alpha, dropout.
+        callbacks (list[TrainerCallback]): more callbacks for the Trainer (bench/gpu_speed.py's clock).
+    """
     import torch
     from datasets import Dataset
     from peft import LoraConfig, prepare_model_for_kbit_training
@@ -51,7 +57,8 @@ def reference_worker(spec: dict, lora: dict) -> dict:
     config = SFTConfig(
         output_dir=str(Path(spec["out"]) / "trl"), per_device_train_batch_size=1 if tuned else spec["batch"],
         gradient_accumulation_steps=spec["accum"], num_train_epochs=1, learning_rate=spec["lr"],
-        lr_scheduler_type="constant", warmup_steps=0, optim="paged_adamw_32bit", weight_decay=0.0,
+        lr_scheduler_type="constant", warmup_steps=0, optim=spec.get("optim", "paged_adamw_32bit"), weight_decay=0.0,
+        max_steps=spec.get("max_steps", -1),
         max_grad_norm=1.0, max_length=spec["max_seq_len"], bf16=True, gradient_checkpointing=True,
         logging_steps=1, save_strategy="no", report_to="none", seed=spec["seed"], disable_tqdm=True,
         use_cpu=not cuda, dataloader_num_workers=0, **extra,
@@ -83,7 +90,7 @@ def reference_worker(spec: dict, lora: dict) -> dict:
                 clock.append([counts["tokens"], time.perf_counter() - self.t0])
 
     trainer = Counting(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
-                       peft_config=peft_config, callbacks=[Clock()])
+                       peft_config=peft_config, callbacks=[Clock(), *callbacks])
     trainer.train()
     trainer.model.save_pretrained(str(Path(spec["out"]) / "adapter"))  # PEFT format, scored by peers_score.py
     # Turn cumulative counts into per-step response tokens, as qlora-lite logs them.

@@ -14,14 +14,26 @@ checkpointing, LoRA r 16 with dropout on all linears), 2 warm-up steps, then:
   NF4 dequantize calls per step.
 - `--ab keep-dequantized`: rounds of 3 steps alternating the kept NF4 weights on and off
   (quant.keeps_dequantized_weights), median seconds per round of each.
+- `--ops`: the ops one training step dispatches per decoder layer (forward, recompute, backward
+  and optimizer), on the path of 0.1 (QLORA_LITE_FUSED=0 QLORA_LITE_FLAT=0: PEFT-style LoRA
+  linears, transformers' RMSNorm, one optimizer update per tensor) and on today's, side by side:
+  random copies of the model with 1 and 2 decoder layers, one profiled step each after 2 warm-ups,
+  the difference is a layer's. `--attention sdpa_padded` runs the kernel CUDA takes without
+  flash-attn (the CPU's own is per_sample).
+
+    .venv/bin/python bench/profile_step.py --model qlora-lite:tiny-llama \
+        --data ../shared/data/alpaca_5000.json --steps 0 --ops --attention sdpa_padded
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import io
 import json
+import math
+import os
 import resource
 import statistics
 import tempfile
@@ -79,6 +91,8 @@ def main(argv=None) -> dict:
     p.add_argument("--profile", action="store_true", help="torch.profiler over 2 steps")
     p.add_argument("--top", type=int, default=12)
     p.add_argument("--ab", choices=["keep-dequantized"], help="alternate a setting over rounds")
+    p.add_argument("--ops", action="store_true", help="ops per decoder layer and step, 0.1's path and today's")
+    p.add_argument("--attention", default=None, help="force the packed attention kernel (QLORA_LITE_ATTENTION)")
     p.add_argument("--rounds", type=int, default=6)
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     args = p.parse_args(argv)
@@ -86,14 +100,14 @@ def main(argv=None) -> dict:
     import torch
 
     from qlora_lite.lora.layer import keep_dequantized_weights, lora_modules
-    from qlora_lite.train.step import train_step
 
+    if args.attention:
+        os.environ["QLORA_LITE_ATTENTION"] = args.attention
     with tempfile.TemporaryDirectory() as out_dir:
         run, stream = setup(args, out_dir)
 
         def step():
-            train_step(run.model, [next(stream).batch], run.params, run.optimizer, device="cpu",
-                       max_grad_norm=1.0, loss_chunk_size=run.recipe.train.loss_chunk_size, autocast=run.autocast)
+            train_step_of(run, stream)
 
         for _ in range(2):  # warm-up: first shapes, optimizer state
             step()
@@ -126,11 +140,95 @@ def main(argv=None) -> dict:
             keep_dequantized_weights(run.model, "cpu", gradient_checkpointing=True)
             report["ab"] = {"setting": args.ab, "rounds_s": rounds,
                             "median_s": {k: statistics.median(v) for k, v in rounds.items()}}
+        if args.ops:
+            report["ops_per_layer"] = layer_ops(args, out_dir)
     if args.json:
         print(json.dumps(report, indent=1))
     else:
         print(format_report(report))
     return report
+
+
+# Ops that launch no kernel: views, metadata, allocation, dtype dispatch (their copies are counted).
+NO_KERNEL = {"aten::view", "aten::as_strided", "aten::t", "aten::transpose", "aten::numpy_T", "aten::reshape",
+             "aten::_reshape_alias", "aten::_unsafe_view", "aten::expand", "aten::unsqueeze", "aten::squeeze",
+             "aten::select", "aten::slice", "aten::narrow", "aten::split", "aten::split_with_sizes", "aten::chunk",
+             "aten::unflatten", "aten::flatten", "aten::permute", "aten::detach", "aten::detach_", "aten::alias",
+             "aten::lift_fresh", "aten::contiguous", "aten::view_as", "aten::resolve_conj", "aten::resolve_neg",
+             "aten::result_type", "aten::empty", "aten::empty_like", "aten::empty_strided", "aten::new_empty",
+             "aten::new_empty_strided", "aten::resize_", "aten::to", "aten::_to_copy",
+             "aten::_has_compatible_shallow_copy_type", "aten::is_nonzero", "aten::matrix_H"}
+PATHS = {"0.1": {"QLORA_LITE_FUSED": "0", "QLORA_LITE_FLAT": "0"}, "now": {"QLORA_LITE_FUSED": "1", "QLORA_LITE_FLAT": "1"}}
+
+
+def count_ops(prof) -> dict:
+    """What one profiled step dispatched: every aten/bitsandbytes op (nested ones too); the ones
+    called from Python or autograd (top level); kernels (innermost ops on tensors of more than one
+    element that are not views or metadata: on a GPU, launches); NF4 dequantizations."""
+    events = [e for e in prof.events() if e.name.startswith(("aten::", "bitsandbytes::"))]
+    ours = {id(e) for e in events}
+
+    def kernel(e):
+        on_tensors = any(isinstance(sh, list) and sh and math.prod(sh) > 1 for sh in e.input_shapes)
+        return on_tensors and e.name not in NO_KERNEL and not any(
+            id(c) in ours and c.name not in NO_KERNEL for c in _descendants(e))
+
+    return {"dispatched": len(events),
+            "top_level": sum(e.cpu_parent is None or id(e.cpu_parent) not in ours for e in events),
+            "kernels": sum(kernel(e) for e in events),
+            "dequantize_4bit": sum(e.name == "bitsandbytes::dequantize_4bit" for e in events)}
+
+
+def _descendants(e):
+    for c in e.cpu_children:
+        yield c
+        yield from _descendants(c)
+
+
+def layer_ops(args, out_dir: str) -> dict:
+    """{path: {metric: per decoder layer}} from random copies of args.model with 1 and 2 layers."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from qlora_lite.model.loader import resolve_model_path
+
+    source = resolve_model_path(args.model)
+    config, tokenizer = AutoConfig.from_pretrained(source), AutoTokenizer.from_pretrained(source)
+    counts: dict = collections.defaultdict(dict)
+    for layers in (1, 2):
+        path = Path(out_dir) / f"random-{layers}"
+        config.num_hidden_layers = layers
+        torch.manual_seed(0)
+        AutoModelForCausalLM.from_config(config).to(torch.bfloat16).save_pretrained(path)
+        tokenizer.save_pretrained(path)
+        for name, env in PATHS.items():
+            with switches(env):
+                run, stream = setup(argparse.Namespace(**{**vars(args), "model": str(path)}), out_dir)
+            for _ in range(2):  # warm-up: first shapes, optimizer state
+                train_step_of(run, stream)
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
+                train_step_of(run, stream)
+            counts[name][layers] = count_ops(prof)
+    return {name: {k: c[2][k] - c[1][k] for k in c[2]} for name, c in counts.items()}
+
+
+@contextlib.contextmanager
+def switches(env: dict):
+    """The environment switches of one path (utils/env.py) while a run is set up (they are read there)."""
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+
+
+def train_step_of(run, stream) -> None:
+    from qlora_lite.train.step import train_step
+
+    train_step(run.model, [next(stream).batch], run.params, run.optimizer, device="cpu", max_grad_norm=1.0,
+               loss_chunk_size=run.recipe.train.loss_chunk_size, autocast=run.autocast)
 
 
 def format_report(r: dict) -> str:
@@ -141,6 +239,10 @@ def format_report(r: dict) -> str:
     if "self_cpu_share" in r:
         lines.append(f"self CPU time (2 steps); NF4 dequantize calls a step: {r['dequantize_4bit_per_step']:g}")
         lines += [f"  {share:6.1%}  {key}" for key, share in r["self_cpu_share"].items()]
+    if "ops_per_layer" in r:
+        old, new = r["ops_per_layer"]["0.1"], r["ops_per_layer"]["now"]
+        lines.append("per decoder layer and step (forward, recompute, backward, optimizer): 0.1's path, today's, ratio")
+        lines += [f"  {k:<16} {old[k]:>6} {new[k]:>6}  {new[k] / max(old[k], 1):.2f}x" for k in old]
     if "ab" in r:
         m = r["ab"]["median_s"]
         lines.append(f"{r['ab']['setting']}: on {m['on']:.3f} s, off {m['off']:.3f} s a round of 3 steps "

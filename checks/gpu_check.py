@@ -1,4 +1,4 @@
-"""The whole GPU story in one command: correctness, memory and speed of qlora-lite on CUDA.
+"""The GPU check in one command: correctness and memory of qlora-lite on CUDA (speed: bench/gpu_speed.py).
 
     python checks/gpu_check.py --out gpu_check/ [--data ../shared/data/alpaca_5000.json]
 
@@ -9,13 +9,11 @@ rewritten after every stage, so a crash or a timeout keeps what was measured):
      gradient checkpointing on vs off; 5 steps + --resume vs 10 straight steps (tolerance from
      two straight runs); a paged optimizer whose state is paged (hidden 1024) and stays paged
      after a checkpoint reload; fp16 (fp32 adapters + GradScaler) vs bf16
-  b2. the packed attention kernels (bench/attention_kernels.py): per_sample, sdpa_padded and, with
-     flash-attn installed, flash_varlen: forward + backward time of packed Alpaca rows and each
+  b2. the packed attention kernels (bench/attention_kernels.py): per_sample, sdpa_padded, and
+     flash_varlen and torch_varlen where they run: forward + backward time of packed Alpaca rows and each
      kernel's loss and gradients against per_sample, on a SmolLM2-shaped and a 7B-wide model
   c. Llama-2-7B-shaped NF4 (random, built on the GPU) under a 24 GiB memory cap: tracker,
      allocated and reserved peaks next to the estimate, seq 2048 batch 1 and 2, seq 4096 batch 1
-  d. tokens/s of qlora-lite vs the Hugging Face stack (peft + TRL, bench/peers.py) on a
-     7B-wide model (hidden 4096, --bench-layers layers), packed (256 rows) and unpacked (128 rows)
   e. 20 training steps on CUDA, export --verify, and the NF4 codes of the CUDA quantization
      that differ from the CPU one
   f. with 2+ GPUs (skipped otherwise): DDP and FSDP on 2 GPUs (torchrun, NCCL) against 1 GPU with
@@ -290,29 +288,6 @@ def stage_7b(args) -> dict:
             "ok": all("error_message" not in r for r in rows)}
 
 
-def stage_bench(args) -> dict:
-    out = {}
-    # Unpacked runs pad every batch and take longer: half the rows keep stage d inside the lent time.
-    for name, extra in [c for c in (("packed", []), ("unpacked", ["--no-packing"])) if c[0] in args.bench]:
-        cmd = [sys.executable, "bench/peers.py", "--data", str(args.data), "--work-dir", str(args.work / "bench"),
-               "--pairs", "1", "--json", "--device", args.device, *extra]
-        cmd += (["--hidden", "256", "--layers", "2", "--rows", "16", "--vocab", "2000"] if args.quick else
-                ["--hidden", "4096", "--layers", str(args.bench_layers), "--rows", "128" if extra else "256",
-                 "--max-seq-len", "1024"])
-        rc, tail = run(cmd, 170, args.out / f"bench_{name}.log")
-        if rc != 0:
-            out[name] = {"exit_code": rc, "tail": tail}
-            continue
-        s = json_in_log(args.out / f"bench_{name}.log")["summary"]
-        sides = ("reference", "qlora-lite")
-        out[name] = {"ratios": s["ratios"], "tokens_per_s": {k: s[k]["tokens_per_s"] for k in sides},
-                     "steady_tokens_per_s": {k: s[k].get("steady_tokens_per_s") for k in sides},
-                     "peak_memory_bytes": {k: s[k]["peak_memory_bytes"] for k in sides},
-                     "loss_at_tokens": {k: s[k]["loss_at_tokens"] for k in sides}}
-    out["ok"] = all("ratios" in v for v in out.values() if isinstance(v, dict))
-    return out
-
-
 def stage_export(args) -> dict:
     import bitsandbytes.functional as F
 
@@ -392,7 +367,7 @@ def markdown(results: dict) -> str:
 
 # Throughput last: the longest stage, so a time limit costs the least.
 STAGES = {"a_pytest": stage_pytest, "b_tiny": stage_tiny, "b2_attention": stage_attention, "c_7b_memory": stage_7b,
-          "e_export": stage_export, "f_multi_gpu": stage_multi_gpu, "d_throughput": stage_bench}
+          "e_export": stage_export, "f_multi_gpu": stage_multi_gpu}
 
 
 def main() -> int:
@@ -401,8 +376,6 @@ def main() -> int:
     ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "alpaca_5000.json")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--stages", default=",".join(STAGES), help="comma-separated subset of " + ", ".join(STAGES))
-    ap.add_argument("--bench-layers", type=int, default=4)
-    ap.add_argument("--bench", default="packed,unpacked", help="which throughput comparisons to run")
     ap.add_argument("--quick", action="store_true", help="small shapes (trying the script on a CPU)")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
