@@ -79,7 +79,7 @@ def per_gpu(a: Arch, s: Settings, mode: str, single: dict) -> dict:
     if s.distributed == "ddp":
         if single["phase"] == "optimizer step":  # the flat bucket next to the gradients
             b["temporaries"] += b["gradients"]
-        return {"bytes": b, "total": sum(b.values()), "phase": single["phase"]}
+        return {"bytes": b, "total": sum(b.values()), "phase": single["phase"], "host": single["host"]}
     persistent = fsdp_persistent(a, s, mode)
     if s.grad_accum == 1 and single["phase"] != "optimizer step":
         persistent["gradients"] = 0  # freed after each step, as in one process
@@ -87,4 +87,4 @@ def per_gpu(a: Arch, s: Settings, mode: str, single: dict) -> dict:
     g = s.nproc
     root = BF16 * g * block(a.vocab_size, g) * a.hidden_size if not a.tie_word_embeddings else 0
     b["temporaries"] += root + 2 * gathered_layer(a, s, mode)  # embeddings, current + prefetched layer
-    return {"bytes": b, "total": sum(b.values()), "phase": single["phase"]}
+    return {"bytes": b, "total": sum(b.values()), "phase": single["phase"], "host": single["host"]}

@@ -73,3 +73,16 @@ def test_ddp_per_gpu_is_one_process_and_fsdp_falls_with_gpus():
     assert estimate_mode(a, Settings(optimizer="adamw", nproc=2, distributed="ddp"), "qlora")["total"] == single
     peaks = [estimate_mode(a, Settings(optimizer="adamw", nproc=g, distributed="fsdp"), "qlora")["total"] for g in (2, 4, 8)]
     assert single > peaks[0] > peaks[1] > peaks[2]
+
+
+def test_a_per_gpu_estimate_with_offloaded_checkpoints_prints_each_rank_s_host_memory():
+    """Each rank offloads its own layer inputs: the host bytes are one process's (a KeyError once)."""
+    from click.testing import CliRunner
+
+    from qlora_lite.cli import main
+
+    for extra in (["--set", "train.distributed=fsdp"], ["--set", "train.distributed=ddp"]):
+        r = CliRunner().invoke(main, ["estimate", "llama-2-70b", "--nproc", "2", *extra, "--set",
+                                      "model.offload_activations=true", "--gpu-mem", "24GiB"])
+        assert r.exit_code == 0, r.output
+        assert "host RAM for offloaded checkpoints" in r.output
