@@ -117,10 +117,10 @@ def fit(run: Run) -> None:
                 if run.eval_set and t.eval_every and state.step % t.eval_every == 0 and state.step != run.total_steps:
                     run.last_eval = log.eval(state.step, run.evaluate())
                     run.model.train()
-                interrupt.requested = world.any(interrupt.requested)  # all ranks stop at the same step
-                if (t.save_every and state.step % t.save_every == 0) or interrupt.requested:
+                stop = interrupt.agreed(world)  # all ranks stop at the same step
+                if (t.save_every and state.step % t.save_every == 0) or stop:
                     run.save()
-                if interrupt.requested:
+                if stop:
                     raise Interrupted(f"checkpoint saved at step {state.step}")
             if run.eval_set:
                 run.last_eval = log.eval(state.step, run.evaluate())
@@ -212,6 +212,19 @@ class InterruptFlag:
         self.requested = True
         print("\nCtrl-C: saving a checkpoint after this step (press again to abort without saving)",
               file=sys.stderr)
+
+    def agreed(self, world) -> bool:
+        """True on every rank when any rank has seen Ctrl-C.
+
+        The flag is only ever raised here, never assigned from the all-reduce: ranks wait for each
+        other inside that collective, which is where a Ctrl-C most often lands, and writing its
+        result back would erase a flag the handler raised during the call (seen as a lost Ctrl-C
+        under torchrun). Such a late Ctrl-C is agreed on at the next step.
+        """
+        if world.any(self.requested):
+            self.requested = True
+            return True
+        return False
 
     def __enter__(self):
         self._old = signal.signal(signal.SIGINT, self._handler)

@@ -17,7 +17,7 @@ from conftest import losses, make_recipe
 from qlora_lite.errors import QloraError
 from qlora_lite.recipe import recipe_from_dict
 from qlora_lite.runs.checkpoint import checkpoint_dirs
-from qlora_lite.train.loop import train
+from qlora_lite.train.loop import InterruptFlag, train
 from qlora_lite.train.step import NonFiniteLoss
 
 pytestmark = pytest.mark.slow  # whole training runs: `make test` only, not `make test-fast`
@@ -107,6 +107,24 @@ def test_ctrl_c_saves_a_checkpoint_exits_130_and_resumes(data_file, tmp_path):
     out = p.stdout.read()
     assert p.wait(timeout=300) == 0, out
     assert "resumed from" in out and json.loads((tmp_path / "r/summary.json").read_text())["steps"] == step + 2
+
+
+class CtrlCDuringTheAllReduce:
+    """A world whose all-reduce is where Ctrl-C lands: the signal reaches this process while the
+    call runs, as it does when ranks wait for each other in the collective."""
+
+    def any(self, flag: bool) -> bool:
+        os.kill(os.getpid(), signal.SIGINT)  # the handler runs before this returns
+        return flag
+
+
+def test_a_ctrl_c_that_lands_in_the_all_reduce_is_kept_for_the_next_step():
+    with InterruptFlag() as interrupt:
+        world = CtrlCDuringTheAllReduce()
+        assert not interrupt.agreed(world)  # the ranks agreed before this Ctrl-C...
+        assert interrupt.requested  # ...and it is not erased by their answer
+        with pytest.raises(KeyboardInterrupt):  # a second Ctrl-C still aborts
+            interrupt.agreed(world)
 
 
 def test_cli_end_to_end_and_clear_errors(data_file, tmp_path):
