@@ -115,6 +115,10 @@ class LoraConfig:
             in it; `estimate --set lora.dtype=float32` counts it. Default "bfloat16".
         use_dora (bool): DoRA: a trainable magnitude per output row on top of the LoRA
             direction (QDoRA on a 4-bit base; lora/dora.py). Default False.
+        init_from (str | None): start from an existing adapter: a run folder (its adapter/) or an
+            adapter folder, made with the same r, alpha, targets and DoRA setting. Under DPO it
+            is also the reference, frozen, while a trainable copy of it learns. Default None
+            (fresh adapters; DPO's reference is the base with the adapters disabled).
     """
 
     r: int = 16
@@ -124,6 +128,7 @@ class LoraConfig:
     rslora: bool = False
     dtype: str = "bfloat16"
     use_dora: bool = False
+    init_from: str | None = None
 
     def __post_init__(self):
         _check_positive("lora.r", self.r)
@@ -152,7 +157,9 @@ class DataConfig:
     Args:
         path (str): a local .json/.jsonl/.parquet/.csv file or a Hub data set id.
         split (str): split to read from a Hub data set. Default "train".
-        format (str): "auto", "alpaca", "sharegpt", "messages" or "completion". Default "auto".
+        format (str): "auto", "alpaca", "sharegpt", "messages" or "completion" (SFT), or
+            "preference" or "hh" (pairs for train.objective dpo/orpo; data/preference.py).
+            Default "auto".
         text_field (str): the text column for "completion" data. Default "text".
         chat_template (str | None): None uses the tokenizer's chat template when it has one and
             the Alpaca template otherwise; "alpaca" forces the Alpaca template; any other
@@ -185,7 +192,8 @@ class DataConfig:
     def __post_init__(self):
         if not self.path:
             raise RecipeError("data.path is required: a local data file or a Hub data set id.")
-        _check_choice("data.format", self.format, ("auto", "alpaca", "sharegpt", "messages", "completion"))
+        _check_choice("data.format", self.format,
+                      ("auto", "alpaca", "sharegpt", "messages", "completion", "preference", "hh"))
         _check_choice("data.train_on", self.train_on, ("responses", "all"))
         _check_positive("data.max_seq_len", self.max_seq_len)
         if not 0 <= self.eval_split < 1:
@@ -224,6 +232,16 @@ class TrainConfig:
         distributed (str | None): with several processes (torchrun): "ddp" (every rank holds
             the 4-bit base, adapter gradients summed) or "fsdp" (base and adapters sharded).
             Default None (ddp when there is more than one process; ignored with one).
+        objective (str): "sft" (next-token cross-entropy), "dpo" or "orpo" (preference pairs:
+            data with chosen and rejected; train/objectives.py). Default "sft".
+        beta (float): DPO's and ORPO's beta: how far DPO may move from the reference, the
+            weight of ORPO's odds-ratio term. Default 0.1.
+        label_smoothing (float): conservative DPO: the share of pairs assumed mislabelled, in
+            [0, 0.5) (sigmoid loss only). Default 0.0.
+        loss_type (str): DPO's loss, "sigmoid" (DPO) or "ipo" (IPO, length-normalised as TRL's).
+            Default "sigmoid".
+        precompute_reference (bool): DPO: compute the reference log-probs of every pair once
+            before training (kept in the run folder), so a step runs the policy only. Default False.
     """
 
     seed: int = 42
@@ -246,6 +264,11 @@ class TrainConfig:
     device: str = "auto"
     report_to: Any = field(default_factory=list)
     distributed: str | None = None
+    objective: str = "sft"
+    beta: float = 0.1
+    label_smoothing: float = 0.0
+    loss_type: str = "sigmoid"
+    precompute_reference: bool = False
 
     def __post_init__(self):
         _check_positive("train.epochs", self.epochs)
@@ -277,6 +300,17 @@ class TrainConfig:
             _check_choice("train.report_to entry", name, TRACKERS)
         if self.distributed is not None:
             _check_choice("train.distributed", self.distributed, STRATEGIES)
+        _check_choice("train.objective", self.objective, OBJECTIVES)
+        _check_positive("train.beta", self.beta)
+        _check_choice("train.loss_type", self.loss_type, DPO_LOSSES)
+        if not 0 <= self.label_smoothing < 0.5:
+            raise RecipeError(f"train.label_smoothing must be in [0, 0.5), got {self.label_smoothing!r}.")
+        if self.objective != "dpo":
+            for name, default in (("label_smoothing", 0.0), ("loss_type", "sigmoid"), ("precompute_reference", False)):
+                if getattr(self, name) != default:
+                    raise RecipeError(f"train.{name} is a DPO setting; set train.objective: dpo or remove it.")
+        elif self.loss_type == "ipo" and self.label_smoothing:
+            raise RecipeError("train.label_smoothing applies to the sigmoid loss; remove it for train.loss_type: ipo.")
 
 
 # The allowed values of train.optimizer (train/optim.py builds each), train.report_to
@@ -284,6 +318,8 @@ class TrainConfig:
 OPTIMIZERS = ("paged_adamw_8bit", "paged_adamw_32bit", "adamw_8bit", "adamw")
 TRACKERS = ("tensorboard", "wandb", "mlflow")
 STRATEGIES = ("ddp", "fsdp")
+OBJECTIVES = ("sft", "dpo", "orpo")
+DPO_LOSSES = ("sigmoid", "ipo")
 # bitsandbytes' optimizers take plain tensors, not FSDP's DTensors.
 FSDP_OPTIMIZERS = ("adamw",)
 SCHEDULES = ("cosine", "linear", "constant")
