@@ -70,6 +70,24 @@ def data_file(tmp_path_factory):
     return str(path)
 
 
+@pytest.fixture(scope="module")
+def pairs_file(tmp_path_factory):
+    """Preference pairs from the demo rows: the right answer chosen, another row's answer to the
+    same kind of question (a wrong capital, colour, opposite or word) rejected."""
+    from qlora_lite.data.demo_rows import demo_rows
+
+    rows = demo_rows(160, seed=1)
+    pairs = []
+    for i, row in enumerate(rows):
+        other = rows[(i + 4 * (1 + i % 7)) % len(rows)]  # 4 tasks in turn: the same task
+        if other["output"] != row["output"]:
+            prompt = row["instruction"] + (f"\n{row['input']}" if row["input"] else "")
+            pairs.append({"prompt": prompt, "chosen": row["output"], "rejected": other["output"]})
+    path = tmp_path_factory.mktemp("pairs") / "pairs.jsonl"
+    path.write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    return str(path)
+
+
 def make_recipe(data_file, out, **train):
     t = dict(seed=3, max_steps=10, micro_batch_size=4, grad_accum=2, lr=1e-3, warmup_steps=2, log_every=1,
              eval_every=5, save_every=5, keep_last=2, optimizer="paged_adamw_8bit")
@@ -78,6 +96,20 @@ def make_recipe(data_file, out, **train):
         "model": {"name_or_path": "qlora-lite:tiny-llama"},
         "lora": {"r": 8, "alpha": 16, "dropout": 0.1},
         "data": {"path": data_file, "format": "alpaca", "max_seq_len": 64, "eval_split": 0.1},
+        "train": t,
+        "output": {"dir": str(out)},
+    })
+
+
+def pair_recipe(pairs_file, out, lora=None, **train_kw):
+    """A DPO recipe (train.objective and the rest overridable) on `pairs_file`."""
+    t = dict(objective="dpo", seed=3, max_steps=10, micro_batch_size=4, grad_accum=2, lr=1e-3, warmup_steps=2,
+             log_every=2, eval_every=5, save_every=5, keep_last=5, optimizer="paged_adamw_8bit")
+    t.update(train_kw)
+    return recipe_from_dict({
+        "model": {"name_or_path": "qlora-lite:tiny-llama"},
+        "lora": dict({"r": 8, "alpha": 16, "dropout": 0.0}, **(lora or {})),
+        "data": {"path": pairs_file, "format": "preference", "max_seq_len": 64, "eval_split": 0.1},
         "train": t,
         "output": {"dir": str(out)},
     })

@@ -8,6 +8,9 @@
     batch = collate([[samples[i] for i in row] for row in plan[k]], pad_id)
         -> {"input_ids", "labels", "position_ids", "attention_mask"} torch tensors, padded to
            the longest row of the batch (never to max_seq_len).
+    batch = collate_pairs([[pairs[i] for i in row] for row in plan[k]], pad_id, packed)
+        -> the same for preference pairs (data/preference.py), plus which sequence each
+           labelled token belongs to (`collate_pairs`).
 
 Unpacked batches carry a 2D padding mask. Packed rows hold several samples; position_ids
 restart at 0 for each, the first token of each sample gets no loss (it would be predicted
@@ -58,7 +61,7 @@ def plan_batches(
         max_seq_len (int | None): row capacity when packing. Default None (longest sample).
         shuffle (bool): False keeps data order (eval). Default True.
     """
-    lengths = [len(s["input_ids"]) for s in samples]
+    lengths = [sample_length(s, packing) for s in samples]
     rng = random.Random(seed * 1_000_003 + epoch)
     if packing:
         rows = pack_rows(lengths, max_seq_len or max(lengths, default=1))
@@ -81,6 +84,15 @@ def plan_batches(
     if batches:
         batches.insert(0, batches.pop(longest))
     return batches
+
+
+def sample_length(sample: dict, packing: bool = False) -> int:
+    """Tokens a sample takes in a row: an SFT sample's own length; a preference pair's chosen plus
+    rejected when packed (they share a row), else the longer of the two (each has its own row)."""
+    if "input_ids" in sample:
+        return len(sample["input_ids"])
+    c, r = len(sample["chosen"]["input_ids"]), len(sample["rejected"]["input_ids"])
+    return c + r if packing else max(c, r)
 
 
 def pack_rows(lengths: Sequence[int], capacity: int) -> list[list[int]]:
@@ -154,6 +166,77 @@ def collate(
     elif packed_mask != "position_ids":
         raise ValueError(f"packed_mask must be '4d' or 'position_ids', got {packed_mask!r}")
     return batch
+
+
+# What `collate_pairs` adds to a batch: for every labelled token (in `label_positions` order) the
+# sequence it belongs to (chosen of the k-th pair: k, its rejected: pairs + k) and whether it is a
+# completion token (not one of the chosen prompt's tokens that ORPO's NLL on the whole sequence adds).
+TARGET_SEQUENCE, TARGET_COMPLETION, PAIRS, REFERENCE_LOGPS = "target_sequence", "target_completion", "pairs", "reference_logps"
+
+
+def collate_pairs(rows: Sequence[Sequence[dict]], pad_id: int, packed: bool = False, packed_mask: str = "4d",
+                  mask_dtype: torch.dtype = torch.float32, width: int = 0, nll_on_prompt: bool = False) -> dict:
+    """A batch of preference pairs: unpacked, rows [chosen_0 .. chosen_P-1, rejected_0 .. rejected_P-1]
+    (TRL's order); packed, each row holds its pairs' chosen and rejected as separate samples.
+
+    Args:
+        rows (Sequence[Sequence[dict]]): per plan row, its pairs ({"chosen": sample, "rejected": sample}).
+            Unpacked rows hold one pair each.
+        pad_id (int): token id for padding.
+        packed (bool): pack each row's pairs into one row. Default False.
+        packed_mask, mask_dtype, width: as `collate`.
+        nll_on_prompt (bool): also label the chosen sequences' prompt tokens (ORPO's NLL with
+            data.train_on: all, as TRL computes it); they are marked as no completion token.
+            Default False.
+
+    Returns: `collate`'s tensors, plus TARGET_SEQUENCE [n] (int64), TARGET_COMPLETION [n] (bool),
+        PAIRS (int) and, when every pair carries precomputed reference log-probs ("reference":
+        [chosen, rejected]), REFERENCE_LOGPS [2 * pairs] (fp32, chosen first).
+    """
+    pairs = [p for row in rows for p in row]
+    n = len(pairs)
+
+    def chosen(p):
+        s = p["chosen"]
+        if not nll_on_prompt:
+            return s
+        return {"input_ids": s["input_ids"], "labels": [IGNORE_INDEX] + list(s["input_ids"][1:])}
+
+    if packed:
+        seq_rows = [[s for p in row for s in (chosen(p), p["rejected"])] for row in rows]
+        order = [[(k, n + k)[j] for k in ks for j in (0, 1)] for ks in _ranges([len(row) for row in rows])]
+    else:
+        seq_rows = [[chosen(p)] for p in pairs] + [[p["rejected"]] for p in pairs]
+        order = [[i] for i in range(2 * n)]
+    batch = collate(seq_rows, pad_id, packed_mask=packed_mask, mask_dtype=mask_dtype, width=width)
+    width = batch["input_ids"].shape[1]
+    sequence = torch.full((len(seq_rows), width), -1, dtype=torch.long)
+    completion = torch.zeros((len(seq_rows), width), dtype=torch.bool)
+    for r, (row, ids) in enumerate(zip(seq_rows, order)):
+        at = 0
+        for s, i in zip(row, ids):
+            k = len(s["input_ids"])
+            sequence[r, at:at + k] = i
+            original = pairs[i % n]["chosen" if i < n else "rejected"]["labels"]
+            completion[r, at:at + k] = torch.tensor(original) != IGNORE_INDEX
+            at += k
+    labelled = batch["labels"][:, 1:] != IGNORE_INDEX
+    batch[TARGET_SEQUENCE] = sequence[:, 1:][labelled]
+    batch[TARGET_COMPLETION] = completion[:, 1:][labelled]
+    batch[PAIRS] = n
+    if n and all("reference" in p for p in pairs):
+        batch[REFERENCE_LOGPS] = torch.tensor([p["reference"][0] for p in pairs] + [p["reference"][1] for p in pairs],
+                                              dtype=torch.float32)
+    return batch
+
+
+def _ranges(sizes: list[int]) -> list[range]:
+    """Consecutive index ranges of the given sizes: [2, 1] -> [range(0, 2), range(2, 3)]."""
+    out, at = [], 0
+    for k in sizes:
+        out.append(range(at, at + k))
+        at += k
+    return out
 
 
 def packed_attention_mask(seq_id: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:

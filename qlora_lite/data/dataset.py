@@ -18,7 +18,8 @@ Formats (`data.format`, "auto" picks from the columns):
 Every assistant turn is trained (`train_on: responses`); prompt tokens get -100. Masks come
 from one tokenization of the whole rendered text plus the character spans of the responses
 (offsets), so input_ids are exactly what the chat template renders. Rendering lives in
-data/templates.py, file reading in data/sources.py.
+data/templates.py, file reading in data/sources.py. Preference pairs (data/preference.py) go
+through the same rendering, tokenizing, eval split and cache (`load_train_eval`, pairs=True).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import os
 import random
 import sys
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from ..errors import QloraError
@@ -39,6 +41,8 @@ from .templates import render_alpaca, render_chat, resolve_template
 IGNORE_INDEX = -100  # the label of tokens without loss (torch's cross_entropy default)
 TOKENIZE_CHUNK = 1000  # texts per tokenizer call: the fast tokenizer batches them in Rust
 CACHE_VERSION = 2  # bump when rendering or tokenizing changes, so old caches are not reused
+PAIR_COLUMNS = {"chosen", "rejected"}  # what makes a row a preference pair (data/preference.py)
+PAIR_FORMATS = ("preference", "hh")  # the data.format values of pair data
 ROLES = {
     "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
     "model": "assistant", "chatgpt": "assistant", "system": "system",
@@ -47,9 +51,41 @@ ROLES = {
 # ---------------------------------------------------------------- formats
 
 
-def detect_format(columns, text_field: str = "text") -> str:
-    """Pick the data format from the column names; QloraError lists them when nothing fits."""
+def detect_format(columns, text_field: str = "text", pairs: bool = False) -> str:
+    """Pick the data format from the column names; QloraError lists them when nothing fits.
+
+    Args:
+        columns (Iterable[str]): the first row's column names.
+        text_field (str): the text column of completion data. Default "text".
+        pairs (bool): the objective trains on preference pairs (DPO, ORPO), which read only
+            chosen/rejected data; SFT reads none of it. Default False.
+    """
     cols = set(columns)
+    has_pairs = PAIR_COLUMNS <= cols
+    if pairs:
+        if has_pairs:
+            return "preference"  # data/preference.py tells HH transcripts apart by their text
+        raise QloraError(
+            f"preference training needs chosen and rejected columns; the data has {sorted(cols)}. "
+            "Rename the columns, or set train.objective: sft to train on this data with SFT."
+        )
+    sft = _sft_format(cols, text_field)
+    if has_pairs:
+        also = f", or data.format: {sft} to run SFT on its other columns" if sft else ""
+        raise QloraError(
+            f"the data holds preference pairs (columns {sorted(cols)} include chosen and rejected), "
+            f"which SFT does not train on; set train.objective: dpo or orpo{also}."
+        )
+    if sft is None:
+        raise QloraError(
+            f"cannot detect the data format from columns {sorted(cols)}: expected instruction+output (alpaca), "
+            f"conversations (sharegpt), messages, or {text_field!r} (completion). Set data.format, "
+            "or data.text_field for plain text."
+        )
+    return sft
+
+
+def _sft_format(cols: set, text_field: str) -> str | None:
     if "conversations" in cols:
         return "sharegpt"
     if "messages" in cols:
@@ -58,11 +94,18 @@ def detect_format(columns, text_field: str = "text") -> str:
         return "alpaca"
     if text_field in cols:
         return "completion"
-    raise QloraError(
-        f"cannot detect the data format from columns {sorted(cols)}: expected instruction+output (alpaca), "
-        f"conversations (sharegpt), messages, or {text_field!r} (completion). Set data.format, "
-        "or data.text_field for plain text."
-    )
+    return None
+
+
+def check_format(fmt: str, pairs: bool) -> None:
+    """QloraError when an explicit data.format does not suit the objective (pairs or SFT)."""
+    if pairs and fmt not in PAIR_FORMATS:
+        raise QloraError(
+            f"data.format: {fmt} is SFT data, but preference training needs pairs; set data.format to "
+            f"{' or '.join(PAIR_FORMATS)} (or auto), or train.objective: sft."
+        )
+    if not pairs and fmt in PAIR_FORMATS:
+        raise QloraError(f"data.format: {fmt} holds preference pairs; set train.objective: dpo or orpo.")
 
 
 def to_messages(row: dict, fmt: str, where: str, text_field: str = "text") -> list[dict] | str:
@@ -81,16 +124,27 @@ def to_messages(row: dict, fmt: str, where: str, text_field: str = "text") -> li
         msgs = [{"role": "system", "content": str(row["system"])}] if row.get("system") else []
         user = {"role": "user", "content": str(need("instruction")), "input": str(row.get("input") or "")}
         return msgs + [user, {"role": "assistant", "content": str(need("output"))}]
-    turns = need("conversations" if fmt == "sharegpt" else "messages")
+    return normalize_turns(need("conversations" if fmt == "sharegpt" else "messages"), where)
+
+
+def normalize_turns(turns, where: str, field: str = "") -> list[dict]:
+    """[{role, content}] from a list of role/content or from/value turns (ROLES names the roles).
+
+    Args:
+        turns (list[dict]): the row's turns.
+        where (str): "<path> row <i>", for errors.
+        field (str): the column the turns came from, named in errors when given. Default "".
+    """
+    column = f" {field!r}" if field else ""
     if not isinstance(turns, list) or not turns:
-        raise QloraError(f"{where}: expected a non-empty list of turns, got {turns!r:.80}.")
+        raise QloraError(f"{where}:{column} expected a non-empty list of turns, got {turns!r:.80}.")
     msgs = []
     for t in turns:
         role = t.get("from", t.get("role")) if isinstance(t, dict) else None
         content = t.get("value", t.get("content")) if isinstance(t, dict) else None
         if role not in ROLES or not isinstance(content, str):
             raise QloraError(
-                f"{where}: turn {t!r:.80} needs a role ({', '.join(sorted(ROLES))}) and a string text."
+                f"{where}:{column} turn {t!r:.80} needs a role ({', '.join(sorted(ROLES))}) and a string text."
             )
         msgs.append({"role": ROLES[role], "content": content})
     return msgs
@@ -101,44 +155,82 @@ def to_messages(row: dict, fmt: str, where: str, text_field: str = "text") -> li
 
 def tokenize_rows(rows, fmt, tokenizer, template, train_on, max_seq_len, text_field, where):
     """Render and tokenize rows; return (samples, {"truncated": n, "dropped": n})."""
-    if tokenizer.eos_token is None:
-        raise QloraError("the tokenizer has no eos_token; set one so responses can end.")
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    eos = eos_token(tokenizer)
     texts, spans, prefixes = [], [], []
     for i, row in enumerate(rows):
         where_row = f"{where} row {i}"
         msgs = to_messages(row, fmt, where_row, text_field)
         if fmt == "completion":
-            text = msgs + tokenizer.eos_token
-            sp, prefix = [(0, len(text))], bos
-        elif template == "alpaca":
-            (text, sp), prefix = render_alpaca(msgs, tokenizer.eos_token), bos
-        else:  # chat templates write their own BOS when the model wants one
-            try:
-                (text, sp), prefix = render_chat(msgs, tokenizer, template), []
-            except QloraError as e:
-                raise QloraError(f"{where_row}: {e}") from None
-            except Exception as e:  # Jinja errors raised by the template (e.g. roles must alternate)
-                raise QloraError(f"{where_row}: the chat template failed: {e}") from None
+            text = msgs + eos
+            sp, prefix = [(0, len(text))], bos_ids(tokenizer)
+        else:
+            text, sp, prefix = render_messages(msgs, tokenizer, template, where_row)
         texts.append(text)
         spans.append(sp)
         prefixes.append(prefix)
     samples, counts = [], {"truncated": 0, "dropped": 0}
+    for ids, labels in tokenize_rendered(tokenizer, texts, spans, prefixes, train_all=train_on == "all"):
+        if len(ids) > max_seq_len:
+            ids, labels = ids[:max_seq_len], labels[:max_seq_len]
+            counts["truncated"] += 1
+        if all(label == IGNORE_INDEX for label in labels):
+            counts["dropped"] += 1
+            continue
+        samples.append({"input_ids": ids, "labels": labels})
+    return samples, counts
+
+
+def eos_token(tokenizer) -> str:
+    """The tokenizer's EOS text; QloraError when it has none (nothing could end a response)."""
+    if tokenizer.eos_token is None:
+        raise QloraError("the tokenizer has no eos_token; set one so responses can end.")
+    return tokenizer.eos_token
+
+
+def bos_ids(tokenizer) -> list[int]:
+    """[bos_token_id], or [] for a tokenizer without one."""
+    return [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+
+
+def render_messages(msgs: list[dict], tokenizer, template: str, where: str):
+    """(text, response spans, ids put before the text) of a conversation, as training renders it.
+
+    Args:
+        msgs (list[dict]): {role, content} turns (alpaca user turns may carry `input`).
+        tokenizer: a Hugging Face tokenizer.
+        template (str): "alpaca" or a Jinja chat template (`resolve_template`).
+        where (str): "<path> row <i>", for errors.
+    """
+    if template == "alpaca":
+        text, spans = render_alpaca(msgs, eos_token(tokenizer))
+        return text, spans, bos_ids(tokenizer)
+    try:  # chat templates write their own BOS when the model wants one
+        text, spans = render_chat(msgs, tokenizer, template)
+    except QloraError as e:
+        raise QloraError(f"{where}: {e}") from None
+    except Exception as e:  # Jinja errors raised by the template (e.g. roles must alternate)
+        raise QloraError(f"{where}: the chat template failed: {e}") from None
+    return text, spans, []
+
+
+def tokenize_rendered(tokenizer, texts, spans, prefixes, train_all: bool = False):
+    """Yield (input_ids, labels) per rendered text, tokenized TOKENIZE_CHUNK texts per call.
+
+    Args:
+        tokenizer: a Hugging Face tokenizer (fast, for offsets).
+        texts (list[str]): rendered texts.
+        spans (list[list[tuple[int, int]]]): per text, the character spans that get labels.
+        prefixes (list[list[int]]): per text, ids put before it (BOS), never labelled.
+        train_all (bool): label every token, not only the spans. Default False.
+    """
     for start in range(0, len(texts), TOKENIZE_CHUNK):
         chunk = slice(start, start + TOKENIZE_CHUNK)
         for (ids, trained), pre in zip(encode_with_spans(tokenizer, texts[chunk], spans[chunk]), prefixes[chunk]):
             trained = [False] * len(pre) + trained
             ids = pre + ids
-            labels = [t if (k or train_on == "all") else IGNORE_INDEX for t, k in zip(ids, trained)]
+            labels = [t if (k or train_all) else IGNORE_INDEX for t, k in zip(ids, trained)]
             labels[0] = IGNORE_INDEX  # nothing predicts the first token; counts stay honest
-            if len(ids) > max_seq_len:
-                ids, labels = ids[:max_seq_len], labels[:max_seq_len]
-                counts["truncated"] += 1
-            if all(label == IGNORE_INDEX for label in labels):
-                counts["dropped"] += 1
-                continue
-            samples.append({"input_ids": ids, "labels": labels})
-    return samples, counts
+            yield ids, labels
 
 
 def encode_with_spans(tokenizer, texts: list[str], spans: list[list[tuple[int, int]]]):
@@ -244,14 +336,10 @@ def build_datasets(cfg, tokenizer, seed: int, cache_dir: str | os.PathLike | Non
         cache_dir (str | PathLike | None): where tokenized files are cached; None disables.
     """
     template = resolve_template(cfg.chat_template, tokenizer)
-    samples, meta, cached = _load_tokenized(cfg, cfg.path, tokenizer, template, cache_dir)
+    tokenize = partial(_tokenize_sft, cfg, tokenizer, template)
+    train, eval_samples, meta, cached = load_train_eval(
+        cfg, tokenizer, template, seed, cache_dir, tokenize, counts=("dropped", "truncated"))
     dropped, truncated = meta["dropped"], meta["truncated"]
-    if cfg.eval_path:
-        eval_samples, eval_meta, eval_cached = _load_tokenized(cfg, cfg.eval_path, tokenizer, template, cache_dir)
-        dropped, truncated = dropped + eval_meta["dropped"], truncated + eval_meta["truncated"]
-        train, cached = samples, cached and eval_cached
-    else:
-        train, eval_samples = split_eval(samples, cfg.eval_split, seed)
     if not train:
         raise QloraError(
             f"data {cfg.path!r}: no training samples left ({meta['rows']} rows, {dropped} dropped for having "
@@ -289,21 +377,42 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return h.hexdigest()
 
 
-def _load_tokenized(cfg, path, tokenizer, template, cache_dir):
-    """(samples, meta, from_cache) for one data file, from the cache when its key matches."""
+def load_train_eval(cfg, tokenizer, template, seed, cache_dir, tokenize, counts, pairs=False):
+    """(train, eval, meta, from_cache): data.path's samples, eval from data.eval_path or data.eval_split.
+
+    Args:
+        cfg (DataConfig), tokenizer, template, seed, cache_dir: as `build_datasets`.
+        tokenize (Callable): see `load_tokenized`.
+        counts (tuple[str, ...]): the meta counts summed over the train and eval files.
+        pairs (bool): the samples are preference pairs. Default False.
+    """
+    samples, meta, cached = load_tokenized(cfg, cfg.path, tokenizer, template, cache_dir, tokenize, pairs)
+    if not cfg.eval_path:
+        train, eval_samples = split_eval(samples, cfg.eval_split, seed)
+        return train, eval_samples, meta, cached
+    eval_samples, eval_meta, eval_cached = load_tokenized(
+        cfg, cfg.eval_path, tokenizer, template, cache_dir, tokenize, pairs)
+    meta = {**meta, **{k: meta[k] + eval_meta[k] for k in counts}}
+    return samples, eval_samples, meta, cached and eval_cached
+
+
+def load_tokenized(cfg, path, tokenizer, template, cache_dir, tokenize, pairs=False):
+    """(samples, meta, from_cache) for one data file, from the cache when its key matches.
+
+    Args:
+        cfg (DataConfig): the recipe's data section.
+        path (str): data.path or data.eval_path.
+        tokenizer, template, cache_dir: as `build_datasets`.
+        tokenize (Callable): (rows, path) -> (samples, meta with "format" and the counts).
+        pairs (bool): the samples are preference pairs, keyed and cached as such. Default False.
+    """
     ident, rows = local_identity(path), None
     if ident is None:  # a Hub data set: its fingerprint is known only once loaded
         rows, ident = load_rows(path, cfg.split)
-    key = {
-        "version": CACHE_VERSION, "source": ident, "tokenizer": tokenizer_fingerprint(tokenizer),
-        "format": cfg.format, "template": template, "train_on": cfg.train_on, "max_seq_len": cfg.max_seq_len,
-        "max_samples": cfg.max_samples, "text_field": cfg.text_field,
-    }
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
-    file = Path(cache_dir) / f"{Path(path).stem}-{digest}.safetensors" if cache_dir else None
+    file = cache_file(cfg, path, ident, tokenizer, template, cache_dir, pairs)
     if file is not None and file.is_file():
         try:
-            return (*_read_cache(file), True)
+            return (*_read_cache(file, pairs), True)
         except QloraError as e:  # a cache is only a copy: rebuild it rather than stop the run
             print(f"warning: {e}", file=sys.stderr)
     if rows is None:
@@ -312,35 +421,61 @@ def _load_tokenized(cfg, path, tokenizer, template, cache_dir):
         rows = rows[: cfg.max_samples]
     if not rows:
         raise QloraError(f"data {path!r} has no rows.")
-    fmt = detect_format(rows[0].keys(), cfg.text_field) if cfg.format == "auto" else cfg.format
-    samples, counts = tokenize_rows(rows, fmt, tokenizer, template, cfg.train_on, cfg.max_seq_len, cfg.text_field, path)
-    meta = {"rows": len(rows), "format": fmt, **counts}
+    samples, meta = tokenize(rows, path)
+    meta = {"rows": len(rows), **meta, **({"pairs": True} if pairs else {})}
     if file is not None:
         _write_cache(file, samples, meta)
     return samples, meta, False
+
+
+def cache_file(cfg, path, ident, tokenizer, template, cache_dir, pairs=False) -> Path | None:
+    """The token cache file of one data file: its name hashes everything that decides the ids."""
+    if not cache_dir:
+        return None
+    key = {
+        "version": CACHE_VERSION, "source": ident, "tokenizer": tokenizer_fingerprint(tokenizer),
+        "format": cfg.format, "template": template, "train_on": cfg.train_on, "max_seq_len": cfg.max_seq_len,
+        "max_samples": cfg.max_samples, "text_field": cfg.text_field,
+    }
+    if pairs:  # only pair keys gain the field, so existing SFT caches keep their names
+        key["pairs"] = True
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+    return Path(cache_dir) / f"{Path(path).stem}-{digest}.safetensors"
+
+
+def _tokenize_sft(cfg, tokenizer, template, rows, where):
+    fmt = detect_format(rows[0].keys(), cfg.text_field) if cfg.format == "auto" else cfg.format
+    check_format(fmt, pairs=False)
+    samples, counts = tokenize_rows(rows, fmt, tokenizer, template, cfg.train_on, cfg.max_seq_len, cfg.text_field, where)
+    return samples, {"format": fmt, **counts}
 
 
 def _write_cache(file: Path, samples: list[dict], meta: dict) -> None:
     import torch
     from safetensors.torch import save
 
-    lengths = torch.tensor([0] + [len(s["input_ids"]) for s in samples], dtype=torch.int64)
+    # Pairs are stored as consecutive sequences [c0, r0, c1, r1, ...], so one layout serves both kinds.
+    seqs = [s for p in samples for s in (p["chosen"], p["rejected"])] if meta.get("pairs") else samples
+    lengths = torch.tensor([0] + [len(s["input_ids"]) for s in seqs], dtype=torch.int64)
     tensors = {
-        "input_ids": torch.tensor([t for s in samples for t in s["input_ids"]], dtype=torch.int32),
-        "labels": torch.tensor([t for s in samples for t in s["labels"]], dtype=torch.int32),
+        "input_ids": torch.tensor([t for s in seqs for t in s["input_ids"]], dtype=torch.int32),
+        "labels": torch.tensor([t for s in seqs for t in s["labels"]], dtype=torch.int32),
         "offsets": lengths.cumsum(0),
     }
     atomic_write_bytes(file, save(tensors, metadata={"meta": json.dumps(meta)}))
 
 
-def _read_cache(file: Path) -> tuple[list[dict], dict]:
-    """(samples, meta) from a cache file; QloraError when it is damaged or not a cache file."""
+def _read_cache(file: Path, pairs: bool = False) -> tuple[list[dict], dict]:
+    """(samples, meta) from a cache file; QloraError when it is damaged, not a cache file or of the other kind."""
     from ..utils.readers import damaged, open_safetensors
 
     fix = "rebuilding it from the data file"
     with open_safetensors(file, fix) as f:
         try:
             meta = json.loads((f.metadata() or {})["meta"])
+            if bool(meta.get("pairs")) != pairs:  # keys differ by kind; this guards a file copied by hand
+                kinds = ("SFT samples", "preference pairs")
+                raise QloraError(f"{str(file)!r} holds {kinds[not pairs]}, not {kinds[pairs]}; {fix}")
             ids, labels = f.get_tensor("input_ids").tolist(), f.get_tensor("labels").tolist()
             offsets = f.get_tensor("offsets").tolist()
         except (KeyError, json.JSONDecodeError) as e:
@@ -348,4 +483,8 @@ def _read_cache(file: Path) -> tuple[list[dict], dict]:
     if len(ids) != len(labels) or not offsets or offsets[-1] != len(ids) or offsets != sorted(offsets):
         raise damaged(file, "token and offset tables disagree", fix)
     samples = [{"input_ids": ids[a:b], "labels": labels[a:b]} for a, b in zip(offsets, offsets[1:])]
-    return samples, meta
+    if not pairs:
+        return samples, meta
+    if len(samples) % 2:
+        raise damaged(file, "an odd number of pair sequences", fix)
+    return [{"chosen": c, "rejected": r} for c, r in zip(samples[::2], samples[1::2])], meta
