@@ -7,6 +7,7 @@ With `lora.use_dora` it also holds DoRA's magnitude; DoRA's math lives in dora.p
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -92,9 +93,12 @@ class LoRALinear(nn.Module):
         self.keep_dequantized = False  # set by keep_dequantized_weights
         self.fused = False  # the fused path (fused.py) where it applies; set by attach_lora
         self.shared_input = None  # the fused.SharedInput of the linears that read this one's input
+        self.disabled = False  # the base alone (adapters_disabled: DPO's reference pass)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (..., d_in) -> (..., d_out)."""
+        if self.disabled:
+            return linear_4bit(self.base, x) if self.keep_dequantized else self.base(x)
         if self.fused and self.fusable(x):
             if self.shared_input is not None:
                 return self.shared_input(self, x, self.dropout_mask)
@@ -235,6 +239,20 @@ def use_fused(model: nn.Module, on: bool = True) -> None:
         m.fused, m.shared_input = on, None
     if on:
         group_shared_inputs(modules)
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module):
+    """Within the block the model computes its base alone (PEFT's `disable_adapter()`): DPO's
+    reference without a second copy of the weights."""
+    modules = list(lora_modules(model).values())
+    for m in modules:
+        m.disabled = True
+    try:
+        yield model
+    finally:
+        for m in modules:
+            m.disabled = False
 
 
 def keep_dequantized_weights(model: nn.Module, device, gradient_checkpointing: bool) -> None:

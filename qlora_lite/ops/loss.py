@@ -1,4 +1,5 @@
-"""Cross-entropy from hidden states, in chunks: full fp32 logits are never materialised.
+"""Cross-entropy and token log-probabilities from hidden states, in chunks: full fp32 logits are
+never materialised.
 
 For a 32k vocabulary and 2k tokens the plain loss holds B*T*V fp32 logits and their
 gradient (~0.5 GB per sequence); here only `chunk_size` rows of logits live at a time,
@@ -63,6 +64,68 @@ def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: to
         total = total + checkpoint(_chunk_loss, h[start:start + chunk_size], weight,
                                    target[start:start + chunk_size], use_reentrant=False)
     return total, n
+
+
+def _chunk_logps(h: torch.Tensor, weight: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    # log p(target) = -cross_entropy per row: the fused log-softmax, no [rows, V] log-prob tensor kept.
+    return -F.cross_entropy((h @ weight.T).float(), target, reduction="none", ignore_index=IGNORE_INDEX)
+
+
+def chunked_token_logps(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_size: int = 1024,
+                        positions: torch.Tensor | None = None) -> torch.Tensor:
+    """fp32 log-probabilities of the labelled next tokens, in label order, computed in chunks.
+
+    The preference losses need them per token (summed per sequence); like `chunked_cross_entropy`
+    only `chunk_size` rows of logits exist at a time, in the policy's backward (recomputed per
+    chunk) and in the reference pass under no_grad alike (trl #3168: full-vocabulary logits of
+    the reference pass took 17 GB on a 4-bit 0.5B).
+
+    Args:
+        hidden (Tensor): [B, T, H] final hidden states.
+        weight (Tensor): [V, H] output embedding weight.
+        labels (Tensor): [B, T] token ids, IGNORE_INDEX where no log-prob is wanted; shifted here.
+        chunk_size (int): rows per chunk; 0 computes all at once. Default 1024.
+        positions (Tensor | None): `label_positions(labels)` from the host batch. Default: computed here.
+
+    Returns: [n] fp32, one per labelled token, in the row-major order of `labels[:, 1:]`.
+    """
+    h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+    target = labels[:, 1:].reshape(-1)
+    if positions is None:
+        positions = (target != IGNORE_INDEX).nonzero().squeeze(1)
+    h, target = h.index_select(0, positions), target.index_select(0, positions)
+    n = int(target.shape[0])
+    pad = -n % CPU_LOSS_ROW_MULTIPLE if h.device.type == "cpu" else 0  # bounded matmul shapes, as above
+    if pad:
+        h, target = F.pad(h, (0, 0, 0, pad)), F.pad(target, (0, pad), value=IGNORE_INDEX)
+    if chunk_size <= 0 or n + pad <= chunk_size:
+        return _chunk_logps(h, weight, target)[:n]
+    step = checkpoint if torch.is_grad_enabled() else (lambda f, *a, **_: f(*a))
+    parts = [step(_chunk_logps, h[i:i + chunk_size], weight, target[i:i + chunk_size], use_reentrant=False)
+             for i in range(0, n + pad, chunk_size)]
+    return torch.cat(parts)[:n]
+
+
+def token_logps(model, batch: dict, chunk_size: int) -> torch.Tensor:
+    """Run the decoder and return `chunked_token_logps` of the batch's labelled tokens.
+
+    Args:
+        model: a Hugging Face causal LM (LoRA-wrapped or not).
+        batch (dict): input_ids, labels, and optionally attention_mask / position_ids.
+        chunk_size (int): see `chunked_token_logps`.
+    """
+    inputs = {k: v for k, v in batch.items() if k in MODEL_INPUTS}
+    positions = batch.get(LABEL_POSITIONS)
+    if not plain_linear_head(model):  # the model shapes its logits: let it, then gather
+        logits = model(**inputs, use_cache=False).logits[:, :-1].float()
+        target = batch["labels"][:, 1:].reshape(-1)
+        if positions is None:
+            positions = (target != IGNORE_INDEX).nonzero().squeeze(1)
+        logits, target = logits.reshape(-1, logits.shape[-1]).index_select(0, positions), target.index_select(0, positions)
+        return -F.cross_entropy(logits, target, reduction="none")
+    out = model.get_decoder()(**inputs, use_cache=False)
+    return chunked_token_logps(out.last_hidden_state, model.get_output_embeddings().weight, batch["labels"],
+                               chunk_size, positions)
 
 
 def causal_lm_loss(model, batch: dict, chunk_size: int) -> tuple[torch.Tensor, int]:
