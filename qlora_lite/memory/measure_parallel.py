@@ -65,7 +65,7 @@ def measure_rank(recipe: Recipe, world: World, steps: int = 2, seq_len: int = 64
     sync = step_sync(world, params, reduce_grads=world.strategy == "ddp")
     with tracker:
         for step, batches in enumerate(plan):
-            trained = sum(int(b["labels"][:, 1:].numel()) for b in batches) * world.size
+            trained = {"tokens": sum(int(b["labels"][:, 1:].numel()) for b in batches) * world.size}
             train_step(model, batches, params, opt, device="cpu", max_grad_norm=t.max_grad_norm,
                        loss_chunk_size=t.loss_chunk_size, normalizer=trained if world.parallel else None,
                        sync=sync, phase=lambda name, s=step: tracker.set_phase(name, s))

@@ -76,13 +76,13 @@ class World:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t.item())
 
-    def sum_scalar(self, value: torch.Tensor) -> torch.Tensor:
-        """Sum a scalar tensor over ranks (float64 so the sum does not depend on the order much)."""
+    def sum_tensor(self, value: torch.Tensor) -> torch.Tensor:
+        """Sum a small tensor over ranks (in float64, so the sum depends little on the order)."""
         if not self.parallel:
             return value
-        t = value.detach().double().reshape(1).to(collective_device())
+        t = value.detach().double().to(collective_device())
         dist.all_reduce(t)
-        return t[0].to(value.device)
+        return t.to(value.device)
 
     def gather_objects(self, obj) -> list:
         """Every rank's `obj`, in rank order, on every rank."""
@@ -147,11 +147,11 @@ def all_reduce_gradients(params: list[torch.Tensor]) -> None:
 
 def step_sync(world: World, params: list[torch.Tensor], reduce_grads: bool = True):
     """The hook step.train_step calls after the backward passes: sum gradients (DDP; FSDP's own
-    reduce-scatter already did) and the loss sum over ranks; returns the global loss sum."""
-    def sync(loss_sum: torch.Tensor) -> torch.Tensor:
+    reduce-scatter already did) and the step's loss terms and statistics over ranks; returns the global sums."""
+    def sync(sums: torch.Tensor) -> torch.Tensor:
         if reduce_grads:
             all_reduce_gradients(params)
-        return world.sum_scalar(loss_sum)
+        return world.sum_tensor(sums)
 
     return sync if world.parallel else None
 

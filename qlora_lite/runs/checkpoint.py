@@ -21,11 +21,11 @@ from pathlib import Path
 
 import torch
 
-from ..lora.files import load_adapter, save_adapter
-from ..utils.atomic import NoSpaceError, atomic_dir, atomic_write_bytes, atomic_write_text
 from ..errors import QloraError
-from ..utils.readers import read_json, torch_load
+from ..lora.files import load_adapter, save_adapter
 from ..recipe import LoraConfig
+from ..utils.atomic import NoSpaceError, atomic_dir, atomic_write_bytes, atomic_write_text
+from ..utils.readers import read_json, torch_load
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from ..lora.files import CONFIG_NAME, read_adapter_config
 from ..errors import QloraError
+from ..lora.files import CONFIG_NAME, read_adapter_config
 from ..recipe import ModelConfig, Recipe, load_recipe
 from ..utils.readers import read_json
 from .checkpoint import latest_checkpoint

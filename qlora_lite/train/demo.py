@@ -17,14 +17,15 @@ def demo_snapshot(model, tokenizer, samples, evaluate) -> dict:
         model: the LoRA-wrapped model.
         tokenizer: its tokenizer.
         samples (list[dict]): tokenized eval samples; the first one's prompt is answered.
-        evaluate (callable): () -> eval loss.
+        evaluate (callable): () -> eval metrics ({"loss", ...}: evaluate.evaluate).
     """
-    sample = samples[0]
+    sample = samples[0]["chosen"] if "chosen" in samples[0] else samples[0]  # a pair: its prompt
     first_trained = next(i for i, label in enumerate(sample["labels"]) if label != IGNORE_INDEX)
     prompt = sample["input_ids"][:first_trained]
     new = generate_ids(model, torch.tensor([prompt]), max_new_tokens=DEMO_NEW_TOKENS,
                        eos_token_id=stop_ids(model, tokenizer), pad_token_id=tokenizer.pad_token_id)
-    return {"eval_loss": evaluate(), "prompt": tokenizer.decode(prompt, skip_special_tokens=True),
+    metrics = evaluate()
+    return {"eval_loss": metrics["loss"], "eval": metrics, "prompt": tokenizer.decode(prompt, skip_special_tokens=True),
             "generation": tokenizer.decode(new, skip_special_tokens=True)}
 
 
@@ -37,7 +38,10 @@ def prompt_gist(prompt: str) -> str:
 def format_demo(demo: dict) -> str:
     """The before/after rows printed under the summary table."""
     b, a = demo["before"], demo["after"]
-    rows = [("eval before", f"{b['eval_loss']:.4f}"), ("eval after", f"{a['eval_loss']:.4f}"),
-            ("prompt", prompt_gist(b["prompt"])),
+    rows = [("eval before", f"{b['eval_loss']:.4f}"), ("eval after", f"{a['eval_loss']:.4f}")]
+    if "rewards/accuracies" in b.get("eval", {}):  # preference pairs: does the model prefer the chosen?
+        rows += [("pairs won", f"{b['eval']['rewards/accuracies']:.2f} -> {a['eval']['rewards/accuracies']:.2f}"),
+                 ("margin", f"{b['eval']['rewards/margins']:.4f} -> {a['eval']['rewards/margins']:.4f}")]
+    rows += [("prompt", prompt_gist(b["prompt"])),
             ("gen before", repr(b["generation"])), ("gen after", repr(a["generation"]))]
     return "\n".join(f"{k:<12} {v}" for k, v in rows)

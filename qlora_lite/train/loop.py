@@ -94,7 +94,8 @@ def fit(run: Run) -> None:
     """Train until `total_steps`: each step is grad_accum micro-batches and one optimizer step."""
     t, state, world = run.recipe.train, run.state, run.world
     stream = micro_batches(run.train_set, run.recipe, state.epoch, state.batch_in_epoch,
-                           run.tokenizer.pad_token_id, mask_dtype(run.model), keep=world.keeps(t.grad_accum))
+                           run.tokenizer.pad_token_id, mask_dtype(run.model), keep=world.keeps(t.grad_accum),
+                           objective=run.objective)
     log = MetricsLog(run.run_dir / "metrics.jsonl" if world.main else None, tracker=run.tracker)  # rank 0 writes
     # disable=None: a bar on a terminal, plain log lines in files and CI.
     bar = tqdm(total=run.total_steps, initial=state.step, desc="train", unit="step", dynamic_ncols=True,
@@ -136,13 +137,14 @@ def checked_step(run: Run, micro: list[MicroBatch]):
     """One optimizer step over this rank's share of `micro` (the global step); a NaN/inf loss
     names the step and the checkpoint that stays."""
     t, world = run.recipe.train, run.world
-    # Data-parallel: divide by the trained tokens of the whole global step, sum over ranks.
-    normalizer = sum(m.trained for m in micro) if world.parallel else None
+    # Divide by the counts (trained tokens, pairs) of the whole global step, sum over ranks.
+    normalizer = {u: sum(m.units[u] for m in micro) for u in micro[0].units}
     try:
         return train_step(run.model, [m.batch for m in micro if m.batch is not None], run.params, run.optimizer,
                           device=run.device, max_grad_norm=t.max_grad_norm, loss_chunk_size=t.loss_chunk_size,
                           autocast=run.autocast, scaler=run.scaler, normalizer=normalizer,
-                          sync=step_sync(world, run.params, reduce_grads=world.strategy == "ddp"))
+                          sync=step_sync(world, run.params, reduce_grads=world.strategy == "ddp"),
+                          objective=run.objective)
     except NonFiniteLoss as e:
         raise NonFiniteLoss(f"{e} at step {run.state.step + 1}; the last good checkpoint is kept in "
                             f"{run.run_dir / 'checkpoints'}. Lower train.lr or check the data.") from None
@@ -158,7 +160,9 @@ def advance(run: Run, micro: list[MicroBatch], result, seconds: float) -> None:
     s.tokens += tokens
     s.trained_tokens += result.trained
     s.wall += seconds
-    run.window.add(result.loss, result.trained, tokens, seconds)
+    units, objective = result.units, run.objective
+    run.window.add(result.loss, result.trained, tokens, seconds, weight=units[objective.loss_unit],
+                   stats=result.stats, counts={name: units[u] for name, u in objective.stats})
 
 
 def finish(run: Run, extra: dict | None = None) -> dict:
@@ -175,11 +179,14 @@ def finish(run: Run, extra: dict | None = None) -> dict:
         with atomic_dir(run.run_dir / "adapter", overwrite=True) as tmp:
             adapter_bytes = save_adapter(run.model, tmp, cfg.lora, cfg.model.name_or_path, state=state)
     peak = merge_peaks(run.world, peak_memory(run.device))
+    evaluated = run.last_eval or {}
     summary = {
+        "objective": run.objective.name,
         "steps": run.state.step,
         "train_loss": last_logged_loss(run.run_dir / "metrics.jsonl"),
-        "eval_loss": run.last_eval,
-        "eval_perplexity": perplexity(run.last_eval) if run.last_eval is not None else None,
+        "eval_loss": evaluated.get("loss"),
+        "eval_perplexity": perplexity(evaluated["loss"]) if set(evaluated) == {"loss"} else None,
+        **{f"eval_{k}": v for k, v in evaluated.items() if k != "loss"},
         "tokens": run.state.tokens,
         "trained_tokens": run.state.trained_tokens,
         "wall_time_s": round(run.state.wall, 2),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 import resource
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -25,16 +25,31 @@ class LogWindow:
     """Sums over the steps since the last log line; travels in checkpoints so a resumed run
     logs the same averages as a straight one."""
 
-    loss: float = 0.0  # sum of (step loss x step trained tokens)
+    loss: float = 0.0  # sum of (step loss x step weight)
     trained: int = 0
     tokens: int = 0
     time: float = 0.0
+    weight: float = 0.0  # what the loss is a mean over: trained tokens (SFT) or pairs (DPO, ORPO)
+    stats: dict = field(default_factory=dict)  # the objective's statistics: name -> [sum of mean x count, count]
 
-    def add(self, loss: float, trained: int, tokens: int, seconds: float) -> None:
-        self.loss += loss * trained
+    @classmethod
+    def from_saved(cls, saved: dict) -> LogWindow:
+        """The window of a checkpoint; those written before `weight` existed weighed by trained tokens."""
+        return cls(**{"weight": saved.get("trained", 0), **saved})
+
+    def add(self, loss: float, trained: int, tokens: int, seconds: float, weight: float | None = None,
+            stats: dict | None = None, counts: dict | None = None) -> None:
+        """One step: its loss (weighed by `weight`, default `trained`) and its statistics
+        (`stats`: name -> mean, weighed by `counts`: name -> count)."""
+        weight = trained if weight is None else weight
+        self.loss += loss * weight
+        self.weight += weight
         self.trained += trained
         self.tokens += tokens
         self.time += seconds
+        for name, mean in (stats or {}).items():
+            total, count = self.stats.get(name, (0.0, 0))
+            self.stats[name] = [total + mean * counts[name], count + counts[name]]
 
 
 def peak_memory(device: str) -> dict:
@@ -59,7 +74,8 @@ def log_record(state, window: LogWindow, lr: float, grad_norm: float, device: st
     return {
         "step": state.step,
         "epoch": state.epoch,
-        "loss": window.loss / max(window.trained, 1),
+        "loss": window.loss / max(window.weight, 1),
+        **{name: total / max(count, 1) for name, (total, count) in window.stats.items()},
         "lr": lr,
         "grad_norm": grad_norm,
         "tokens_per_s": window.tokens / max(window.time, 1e-9),
@@ -71,8 +87,16 @@ def log_record(state, window: LogWindow, lr: float, grad_norm: float, device: st
 
 
 def format_record(r: dict) -> str:
-    return (f"step {r['step']:>5}  loss {r['loss']:.4f}  lr {r['lr']:.2e}  grad {r['grad_norm']:.3f}  "
-            f"{r['tokens_per_s']:.0f} tok/s  peak {r['peak_memory_gb']:.2f} GB")
+    return (f"step {r['step']:>5}  loss {r['loss']:.4f}{format_preference(r)}  lr {r['lr']:.2e}  "
+            f"grad {r['grad_norm']:.3f}  {r['tokens_per_s']:.0f} tok/s  peak {r['peak_memory_gb']:.2f} GB")
+
+
+def format_preference(r: dict, prefix: str = "") -> str:
+    """The preference statistics of a record for the console: reward accuracy and margin (and ORPO's NLL)."""
+    if f"{prefix}rewards/accuracies" not in r:
+        return ""
+    nll = f"  nll {r[prefix + 'nll_loss']:.4f}" if f"{prefix}nll_loss" in r else ""
+    return f"{nll}  acc {r[prefix + 'rewards/accuracies']:.2f}  margin {r[prefix + 'rewards/margins']:.4f}"
 
 
 class MetricsLog:
@@ -88,11 +112,15 @@ class MetricsLog:
         self._append(record)
         self.write(format_record(record))
 
-    def eval(self, step: int, loss: float) -> float:
-        record = {"step": step, "eval_loss": loss, "eval_perplexity": perplexity(loss)}
+    def eval(self, step: int, metrics: dict) -> dict:
+        """Log an evaluation: {"loss": ..., and the objective's statistics}; returns `metrics`."""
+        record = {"step": step, **{f"eval_{k}": v for k, v in metrics.items()}}
+        if set(metrics) == {"loss"}:  # SFT: a next-token loss, so a perplexity
+            record["eval_perplexity"] = perplexity(metrics["loss"])
         self._append(record)
-        self.write(f"step {step:>5}  eval loss {loss:.4f}  ppl {record['eval_perplexity']:.2f}")
-        return loss
+        ppl = f"  ppl {record['eval_perplexity']:.2f}" if "eval_perplexity" in record else ""
+        self.write(f"step {step:>5}  eval loss {metrics['loss']:.4f}{ppl}{format_preference(record, 'eval_')}")
+        return metrics
 
     def _append(self, record: dict) -> None:
         if self.file is not None:

@@ -11,21 +11,25 @@ from pathlib import Path
 import torch
 
 from ..data.dataset import build_datasets
+from ..data.preference import build_preference_datasets
 from ..errors import QloraError
+from ..lora.files import load_adapter, read_adapter_config
 from ..lora.layer import attach_lora, lora_parameters, trainable_summary
 from ..model.loader import cache_root, load_model, load_tokenizer, pick_device
 from ..ops.attention import use_packed_attention
 from ..parallel.distributed import World, check_global_batch, init_world, main_first
-from ..recipe import Recipe, save_recipe
+from ..recipe import LoraConfig, Recipe, save_recipe
 from ..runs.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from ..runs.folder import check_resumable, prepare_run_dir
+from ..runs.folder import check_resumable, prepare_run_dir, resolve_source
 from ..utils.atomic import atomic_write_json
 from ..utils.host_memory import return_freed_memory
 from .batches import plan_epoch
-from .evaluate import eval_loss
+from .evaluate import evaluate
 from .metrics import LogWindow, reset_peak_memory, truncate_metrics
+from .objectives import SFT, build_objective
 from .optim import apply_schedule, build_optimizer, build_scheduler, optimizer_params
 from .parallel_run import load_parallel, prepare_parallel, save_parallel, saved_world_size
+from .reference import build_reference, precompute_reference, record_reference
 from .step import autocast_context, grad_scaler
 from .tracking import Tracker, open_trackers
 
@@ -63,13 +67,14 @@ class Run:
     world: World = field(default_factory=World)  # data-parallel place; World() is one process
     state: RunState = field(default_factory=RunState)
     window: LogWindow = field(default_factory=LogWindow)
-    last_eval: float | None = None
+    last_eval: dict | None = None  # the newest evaluation: {"loss", and the objective's statistics}
     tracker: Tracker = field(default_factory=lambda: Tracker([]))  # train.report_to (train/tracking.py)
+    objective: object = field(default_factory=SFT)  # what a step minimises (objectives.py)
 
-    def evaluate(self) -> float:
+    def evaluate(self) -> dict:
         t = self.recipe.train
-        return eval_loss(self.model, self.eval_set, t.micro_batch_size, self.tokenizer.pad_token_id,
-                         t.loss_chunk_size, self.device, self.autocast, t.eval_max_batches)
+        return evaluate(self.model, self.eval_set, t.micro_batch_size, self.tokenizer.pad_token_id,
+                        t.loss_chunk_size, self.device, self.autocast, t.eval_max_batches, self.objective)
 
     def save(self) -> None:
         cfg = self.recipe
@@ -103,8 +108,9 @@ def setup_run(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> 
     seed_everything(t.seed)
 
     # Rank 0 first: it fills the caches (tokenized data, a built-in model) the others then read.
+    build = build_datasets if t.objective == "sft" else build_preference_datasets
     tokenizer, (train_set, eval_set, data_summary) = main_first(world, lambda: (
-        tok := load_tokenizer(cfg.model), build_datasets(cfg.data, tok, t.seed, cache_root() / "data")))
+        tok := load_tokenizer(cfg.model), build(cfg.data, tok, t.seed, cache_root() / "data")))
     if world.main:
         print(data_summary.format())
         atomic_write_json(run_dir / "data_summary.json", data_summary.__dict__)
@@ -112,14 +118,22 @@ def setup_run(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> 
     model, params = build_model(cfg, device, world)
     if world.main:
         print(trainable_summary(model))
+    # Before any step (and before a resume restores the trained adapter): the reference is the
+    # adapter as initialised.
+    reference = build_reference(model, init_adapter_dir(cfg.lora)) if t.objective == "dpo" else None
+    objective = build_objective(t, cfg.data, reference)
     optimizer = build_optimizer(t.optimizer, params, t.lr, t.weight_decay)
     params = optimizer_params(optimizer)  # flat buffers: clipped and summed over ranks as a few tensors
-    steps_per_epoch = max(1, len(plan_epoch(train_set, cfg, 0)) // (t.grad_accum * world.size))  # global steps
+    steps_per_epoch = max(1, len(plan_epoch(train_set, cfg, 0, objective=objective)) // (t.grad_accum * world.size))
     total_steps = t.max_steps or t.epochs * steps_per_epoch
     scheduler = build_scheduler(optimizer, t.lr_scheduler, t.warmup_steps, total_steps)
     run = Run(recipe, run_dir, device, model, tokenizer, train_set, eval_set, params, optimizer, scheduler,
               total_steps, autocast_context(device, cfg.model.quantization.compute_dtype), scaler, tracker=tracker,
-              world=world)
+              world=world, objective=objective)
+    if reference is not None:
+        main_first(world, lambda: record_reference(run_dir, reference, t.precompute_reference, resume), others=False)
+        if t.precompute_reference:
+            precompute_reference(run, reference)
     if resume:
         restore_run(run)
     run.state.world_size = world.size
@@ -152,11 +166,37 @@ def build_model(recipe: Recipe, device: str, world: World | None = None, mode: s
         return model, list(model.parameters())
     torch.manual_seed(recipe.train.seed)  # adapter init does not depend on what loading consumed
     attach_lora(model, recipe.lora)
+    if recipe.lora.init_from:
+        load_init_adapter(model, recipe.lora, init_adapter_dir(recipe.lora))
     if recipe.data is not None and recipe.data.packing:
         use_packed_attention(model)  # each packed sample attends only to itself, at its own cost
     if world is not None and world.parallel:
         prepare_parallel(model, world, recipe.train.seed, recipe.train.optimizer)
     return model, lora_parameters(model)
+
+
+def init_adapter_dir(cfg: LoraConfig) -> Path | None:
+    """The adapter folder `lora.init_from` names (a run folder's adapter/), or None."""
+    if not cfg.init_from:
+        return None
+    try:
+        return resolve_source(cfg.init_from).adapter_dir
+    except QloraError as e:
+        raise QloraError(f"lora.init_from: {e}") from None
+
+
+def load_init_adapter(model, cfg: LoraConfig, adapter_dir: Path) -> None:
+    """Fill the fresh adapters from `lora.init_from`, which must be the recipe's kind of adapter."""
+    saved, _ = read_adapter_config(adapter_dir)
+    for name in ("r", "alpha", "rslora", "use_dora"):
+        if getattr(saved, name) != getattr(cfg, name):
+            raise QloraError(f"lora.init_from: {adapter_dir} was trained with lora.{name}: {getattr(saved, name)}, "
+                             f"the recipe says {getattr(cfg, name)}; set lora.{name}: {getattr(saved, name)}.")
+    try:
+        load_adapter(model, adapter_dir)
+    except QloraError as e:
+        raise QloraError(f"lora.init_from: {adapter_dir}: {e} Set lora.target_modules as that adapter was "
+                         "trained with.") from None
 
 
 def restore_run(run: Run) -> None:
@@ -165,7 +205,7 @@ def restore_run(run: Run) -> None:
     saved = (load_parallel(run, ckpt) if world.parallel
              else load_checkpoint(ckpt, run.model, run.optimizer, run.scheduler, scaler=run.scaler))
     apply_schedule(run.scheduler)  # a resume may lengthen the run: its lr follows the new curve
-    run.window = LogWindow(**saved.pop("window", {}))
+    run.window = LogWindow.from_saved(saved.pop("window", {}))
     run.state = RunState(**dict(saved, world_size=world.size))
     if world.main:
         truncate_metrics(run.run_dir / "metrics.jsonl", run.state.step)

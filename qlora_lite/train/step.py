@@ -8,15 +8,15 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
-from ..data.dataset import IGNORE_INDEX
 from ..errors import QloraError
 from ..ops.attention import BOUNDS_KWARG, sample_bounds
-from ..ops.loss import LABEL_POSITIONS, causal_lm_loss, label_positions
+from ..ops.loss import LABEL_POSITIONS, label_positions
+from .objectives import SFT, detached_sums, scaled_loss, step_metrics
 
 
 class NonFiniteLoss(QloraError):
@@ -28,14 +28,18 @@ class StepResult:
     """What one optimizer step reports.
 
     Args:
-        loss (float): mean loss per trained token over the whole step.
-        trained (int): trained tokens of the step (the loss's normaliser).
+        loss (float): the step's loss (SFT: mean per trained token; DPO/ORPO: see objectives.py).
+        trained (int): trained tokens of the step (labelled completion tokens).
         grad_norm (float): gradient norm before clipping.
+        units (dict): the step's counts per unit (objectives.py), over all ranks.
+        stats (dict): the objective's statistics (TRL's names), means over the step. Default {}.
     """
 
     loss: float
     trained: int
     grad_norm: float
+    units: dict = field(default_factory=dict)
+    stats: dict = field(default_factory=dict)
 
 
 def _no_phase(name: str) -> None:
@@ -49,11 +53,6 @@ def autocast_context(device: str, compute_dtype: str):
         dtype = torch.bfloat16 if compute_dtype == "bfloat16" else torch.float16
         return torch.autocast("cuda", dtype=dtype)
     return contextlib.nullcontext()
-
-
-def count_trained(labels: torch.Tensor) -> int:
-    """Tokens that carry a loss after the one-token shift (read on the host batch: no sync)."""
-    return int((labels[:, 1:] != IGNORE_INDEX).sum())
 
 
 def to_device(batch: dict, device: str) -> dict:
@@ -73,13 +72,13 @@ def to_device(batch: dict, device: str) -> dict:
 
 def train_step(model, batches: list[dict], params: list[torch.Tensor], optimizer, *, device: str,
                max_grad_norm: float, loss_chunk_size: int, autocast=None, scaler=None,
-               normalizer: int | None = None, sync: Callable | None = None,
-               phase: Callable[[str], None] = _no_phase) -> StepResult:
+               normalizer: dict | None = None, sync: Callable | None = None,
+               phase: Callable[[str], None] = _no_phase, objective=None) -> StepResult:
     """Forward and backward every micro-batch, then clip and step the optimizer.
 
-    The loss is normalised by the trained tokens of the whole step, not per micro-batch, so
-    gradient accumulation weighs every trained token the same. A NaN/inf loss raises
-    NonFiniteLoss before the optimizer touches the weights.
+    Each loss term is divided by its count over the whole step (SFT: the trained tokens; DPO:
+    the pairs), not per micro-batch, so gradient accumulation weighs every token or pair the
+    same. A NaN/inf loss raises NonFiniteLoss before the optimizer touches the weights.
 
     Args:
         model: the LoRA-wrapped model, in train mode.
@@ -91,35 +90,36 @@ def train_step(model, batches: list[dict], params: list[torch.Tensor], optimizer
         loss_chunk_size (int): see loss.chunked_cross_entropy.
         autocast: context manager for the forward (autocast_context); Default none.
         scaler (torch.amp.GradScaler | None): fp16 loss scaling. Default None.
-        normalizer (int | None): trained tokens the loss is divided by. Default: those of
-            `batches` (a data-parallel run passes the count of the global step).
-        sync (callable | None): called with the step's local loss sum after the backward
-            passes; sums gradients and loss over data-parallel ranks and returns the global
-            loss sum (distributed.step_sync). Default None (one process).
+        normalizer (dict | None): the counts per unit the terms are divided by. Default: those
+            of `batches` (a data-parallel run passes the counts of the global step).
+        sync (callable | None): called with the step's local sums (a 1-D tensor) after the
+            backward passes; sums gradients and them over data-parallel ranks and returns the
+            global sums (distributed.step_sync). Default None (one process).
         phase (callable): called with "forward", "backward", "optimizer" as the step
             proceeds (the memory tracker's phases). Default: nothing.
+        objective: what the step minimises (objectives.py). Default SFT().
     """
     autocast = autocast or contextlib.nullcontext()
-    trained = sum(count_trained(b["labels"]) for b in batches)
-    denom = max(normalizer if normalizer is not None else trained, 1)
-    step_loss = torch.zeros((), device=device)
+    objective = objective or SFT()
+    units = normalizer or count_units(objective, batches)
+    sums = torch.zeros(len(objective.terms) + len(objective.stats), device=device)  # terms, then stats
     inputs = [to_device(b, device) for b in batches]  # host reads and copies, all before the forwards
     for batch in inputs:
         phase("forward")
         with autocast:
-            loss_sum, _ = causal_lm_loss(model, batch, loss_chunk_size)
+            terms, stats = objective.loss(model, batch, loss_chunk_size)
         phase("backward")
-        scaled = loss_sum / denom
+        scaled = scaled_loss(objective, terms, units)
         (scaler.scale(scaled) if scaler is not None else scaled).backward()
-        step_loss += loss_sum.detach()
-        del loss_sum, scaled
+        sums += detached_sums(terms, stats)
+        del terms, stats, scaled
     phase("optimizer")
     if sync is not None:
-        step_loss = sync(step_loss)  # NaN on any rank is NaN on every rank: all stop alike
-        trained = denom
+        sums = sync(sums)  # NaN on any rank is NaN on every rank: all stop alike
     if scaler is not None:
         scaler.unscale_(optimizer)
-    loss, grad_norm = read_step(step_loss, clip_grad_norm(params, max_grad_norm), trained)
+    values, grad_norm = read_step(sums, clip_grad_norm(params, max_grad_norm))
+    loss, stats = step_metrics(objective, values, units)
     if not math.isfinite(loss):  # before the optimizer touches the weights
         optimizer.zero_grad(set_to_none=True)
         raise NonFiniteLoss(f"loss is {loss}")
@@ -129,13 +129,22 @@ def train_step(model, batches: list[dict], params: list[torch.Tensor], optimizer
     else:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return StepResult(loss=loss, trained=trained, grad_norm=grad_norm)
+    return StepResult(loss=loss, trained=units.get("tokens", 0), grad_norm=grad_norm, units=units, stats=stats)
 
 
-def read_step(loss_sum: torch.Tensor, norm: torch.Tensor, trained: int) -> tuple[float, float]:
-    """The one host sync of a step: (mean loss per trained token, gradient norm), read together."""
-    loss_sum, grad_norm = torch.stack([loss_sum.float(), norm.float().to(loss_sum.device)]).tolist()
-    return loss_sum / max(trained, 1), grad_norm
+def count_units(objective, batches: list[dict]) -> dict:
+    """The counts per unit (objectives.py) of host batches, summed."""
+    units: dict = {}
+    for b in batches:
+        for u, n in objective.batch_units(b).items():
+            units[u] = units.get(u, 0) + n
+    return units
+
+
+def read_step(sums: torch.Tensor, norm: torch.Tensor) -> tuple[list[float], float]:
+    """The one host sync of a step: the summed loss terms and statistics, and the gradient norm."""
+    values = torch.cat([sums.float().reshape(-1), norm.float().reshape(1).to(sums.device)]).tolist()
+    return values[:-1], values[-1]
 
 
 def clip_grad_norm(params, max_norm: float) -> torch.Tensor:

@@ -10,7 +10,7 @@ from qlora_lite.memory.estimate import estimate_mode
 from qlora_lite.memory.estimate_inputs import Settings, load_arch
 from qlora_lite.memory.estimate_parallel import block, fsdp_persistent
 from qlora_lite.parallel.distributed import World, check_global_batch
-from qlora_lite.train.step import count_trained
+from qlora_lite.train.objectives import SFT
 
 
 def test_each_micro_batch_of_a_global_step_goes_to_exactly_one_rank():
@@ -31,7 +31,8 @@ def test_resuming_with_another_world_size_must_keep_the_global_batch():
 
 
 def test_the_trained_count_of_the_plan_is_the_collated_batchs(tmp_path):
-    """fit() divides by MicroBatch.trained (no collective); it must equal step.count_trained."""
+    """fit() divides by MicroBatch.units, counted on the samples (no collective, and for the other
+    ranks' batches too); it must equal what the objective counts on the collated batch."""
     import json
 
     from qlora_lite.data.dataset import build_datasets
@@ -50,7 +51,7 @@ def test_the_trained_count_of_the_plan_is_the_collated_batchs(tmp_path):
         stream = micro_batches(train_set, cfg, 0, 0, tok.pad_token_id, torch.bfloat16)
         for _ in range(8):
             m = next(stream)
-            assert m.trained == count_trained(m.batch["labels"]) > 0
+            assert m.units == SFT().batch_units(m.batch) and m.trained > 0
 
 
 def test_fsdp_holds_a_row_block_of_every_weight_and_one_gpu_holds_all():

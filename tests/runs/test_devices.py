@@ -39,11 +39,11 @@ def test_a_checkpoint_written_on_a_gpu_resumes_on_the_cpu(tmp_path, tiny_llama, 
     """Files whose tensors are tagged cuda:0 (as torch.save writes them on a GPU) load here."""
     import torch.serialization as ser
 
-    from qlora_lite.runs.checkpoint import load_checkpoint, save_checkpoint
     from qlora_lite.lora.layer import attach_lora, lora_parameters
     from qlora_lite.model.loader import load_model
-    from qlora_lite.train.optim import build_optimizer, build_scheduler
     from qlora_lite.recipe import LoraConfig
+    from qlora_lite.runs.checkpoint import load_checkpoint, save_checkpoint
+    from qlora_lite.train.optim import build_optimizer, build_scheduler
     from qlora_lite.train.step import train_step
 
     model = load_model(ModelConfig(name_or_path=tiny_llama))

@@ -11,14 +11,13 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from qlora_lite.runs.checkpoint import checkpoint_dirs
-from qlora_lite.export.merge import export_model
-from qlora_lite.runs.lock import LOCK_NAME, RunFolderBusy, owning_run, run_lock
-from qlora_lite.runs.folder import prepare_run_dir
-from qlora_lite.train.loop import train
-
 from conftest import tiny_recipe
+
+from qlora_lite.export.merge import export_model
+from qlora_lite.runs.checkpoint import checkpoint_dirs
+from qlora_lite.runs.folder import prepare_run_dir
+from qlora_lite.runs.lock import LOCK_NAME, RunFolderBusy, owning_run, run_lock
+from qlora_lite.train.loop import train
 
 REPO = Path(__file__).resolve().parents[2]
 
