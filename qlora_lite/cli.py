@@ -8,7 +8,7 @@ import click
 
 from .errors import QloraError
 from .export.gguf import GGUF_TYPES
-from .recipe import STRATEGIES, check_fsdp_optimizer
+from .recipe import OBJECTIVES, STRATEGIES, check_fsdp_optimizer
 from .utils.dtypes import SHORT_NAMES
 
 
@@ -173,6 +173,8 @@ ESTIMATE_ALIASES = {"lora_r": "lora.r", "optimizer": "train.optimizer", "loss_ch
               help="train.micro_batch_size [1, or the recipe's].")
 @click.option("--nproc", "--gpus", "nproc", default=1, show_default=True, type=click.IntRange(min=1),
               help="Data-parallel processes (one per GPU, as run --nproc); the prediction is per GPU.")
+@click.option("--objective", default=None, type=click.Choice(OBJECTIVES),
+              help="train.objective: dpo and orpo train pairs, two sequences each [sft, or the recipe's].")
 @click.option("--gpu-mem", default=None,
               help="Card memory, says what fits: GiB = 2^30 bytes, GB = 1e9 (a 24 GB RTX 3090/4090 is 24GiB).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
@@ -185,7 +187,7 @@ ESTIMATE_ALIASES = {"lora_r": "lora.r", "optimizer": "train.optimizer", "loss_ch
 @click.option("--strategy", hidden=True, type=click.Choice(STRATEGIES))
 @click.option("--offload", hidden=True, is_flag=True, default=None)
 @click.option("--tiled-mlp", hidden=True, default=None, is_flag=False, flag_value="auto")
-def estimate(model, recipe_path, overrides, seq_len, batch_size, nproc, gpu_mem, as_json, **aliases):
+def estimate(model, recipe_path, overrides, seq_len, batch_size, nproc, objective, gpu_mem, as_json, **aliases):
     """Predict peak memory per mode for MODEL (a shipped name such as llama-2-7b, a folder,
     a config.json, or a Hub id) from its architecture alone, with a recipe's settings.
 
@@ -197,7 +199,7 @@ def estimate(model, recipe_path, overrides, seq_len, batch_size, nproc, gpu_mem,
     from .memory.estimate import estimate as run_estimate, format_table, gpu_mem_bytes
     from .memory.estimate_inputs import settings_for
 
-    given = {"data.max_seq_len": seq_len, "train.micro_batch_size": batch_size,
+    given = {"data.max_seq_len": seq_len, "train.micro_batch_size": batch_size, "train.objective": objective,
              **{ESTIMATE_ALIASES[k]: v for k, v in aliases.items()}}
     sets = [f"{k}={_json.dumps(v)}" for k, v in given.items() if v is not None] + list(overrides)
     model, settings = settings_for(model, recipe_path, sets, nproc)

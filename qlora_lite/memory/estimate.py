@@ -121,12 +121,12 @@ def loss_bytes(a: Arch, s: Settings, mode: str) -> tuple[int, int]:
     log-softmax and of the fp32 logits, plus a chunk's recomputed log-softmax when chunked.
     """
     h, V = a.hidden_size, a.vocab_size
-    n = s.micro_batch_size * (s.max_seq_len - 1)  # next-token targets
+    n = s.sequences * (s.max_seq_len - 1)  # next-token targets
     if s.device == "cpu":  # padded to a multiple of rows on CPU (loss.py)
         n = -(-n // CPU_LOSS_ROW_MULTIPLE) * CPU_LOSS_ROW_MULTIPLE
     chunked = 0 < s.loss_chunk_size < n
     rows = s.loss_chunk_size if chunked else n
-    norm = (4 * h + 4 + (4 * h if mode == "full" else 0)) * s.micro_batch_size * s.max_seq_len
+    norm = (4 * h + 4 + (4 * h if mode == "full" else 0)) * s.sequences * s.max_seq_len
     saved = norm + BF16 * h * n + 8 * n + (0 if chunked else 4 * rows * V)
     return saved, (12 if chunked else 8) * rows * V
 
@@ -135,9 +135,11 @@ def estimate_mode(a: Arch, s: Settings, mode: str) -> dict:
     """Predicted peak breakdown of one mode: {"bytes": {category: n}, "total", "phase", "host"}."""
     if mode not in MODES:
         raise QloraError(f"mode {mode!r} must be one of {', '.join(MODES)}.")
-    tokens = s.micro_batch_size * s.max_seq_len
+    tokens = s.sequences * s.max_seq_len
     b = {c: 0 for c in CATEGORIES}
     b.update(persistent(a, s, mode))
+    if mode == "full" and s.objective == "dpo":  # no adapters to disable: the reference is a second copy
+        b["base_weights"] *= 2
     # Checkpoint boundaries: every layer's input (unless offloaded), rotary cos/sin, token and position ids.
     inputs = a.num_hidden_layers * BF16 * a.hidden_size * tokens
     boundaries = (2 * BF16 * a.head_dim + 8) * tokens + 8 * s.max_seq_len + (0 if s.offload_activations else inputs)
@@ -159,7 +161,7 @@ def estimate_mode(a: Arch, s: Settings, mode: str) -> dict:
         # Backward brings back the input of the layer it recomputes and prefetches the one below.
         back = min(2, a.num_hidden_layers) * BF16 * a.hidden_size * tokens
         moments = {k: (saved, temp + (0 if k == "backward (loss)" else back)) for k, (saved, temp) in moments.items()}
-    n = s.micro_batch_size * (s.max_seq_len - 1)
+    n = s.sequences * (s.max_seq_len - 1)
     if mode == "full" and 0 < s.loss_chunk_size < n:
         # Each chunk makes its own lm_head weight gradient; autograd sums them pairwise.
         saved = loss_bytes(a, s, mode)[0]
@@ -193,7 +195,7 @@ def host_bytes(a: Arch, s: Settings) -> int:
     """
     if not s.offload_activations:
         return 0
-    one = BF16 * a.hidden_size * s.micro_batch_size * s.max_seq_len
+    one = BF16 * a.hidden_size * s.sequences * s.max_seq_len
     if s.device == "cuda":
         one = 1 << (one - 1).bit_length()
     return a.num_hidden_layers * one
@@ -203,7 +205,7 @@ def tiled_mlp_tokens(a: Arch, s: Settings) -> int:
     """Tokens per MLP tile under `s.tiled_mlp` (all tokens when untiled)."""
     from ..model.tiled_mlp import tile_count
 
-    tokens = s.micro_batch_size * s.max_seq_len
+    tokens = s.sequences * s.max_seq_len
     if not s.tiled_mlp:
         return tokens
     return math.ceil(tokens / tile_count(tokens, a.hidden_size, s.tiled_mlp))
@@ -219,7 +221,7 @@ def tiled_moments(a: Arch, s: Settings, mode: str) -> dict:
     bitsandbytes' dequantized weight). Terms read off tracker runs (tests/test_long_context.py).
     """
     h, i, q, kv = a.hidden_size, a.intermediate_size, a.num_attention_heads * a.head_dim, a.num_key_value_heads * a.head_dim
-    tokens, tile = s.micro_batch_size * s.max_seq_len, tiled_mlp_tokens(a, s)
+    tokens, tile = s.sequences * s.max_seq_len, tiled_mlp_tokens(a, s)
     cpu, drop = s.device != "cuda", s.dropout > 0 and mode != "full"
     mask = BF16 if cpu else 1
     if drop:
@@ -314,6 +316,8 @@ def format_table(result: dict) -> str:
              f"{'DoRA' if s['lora.use_dora'] else 'LoRA'} r={s['lora.r']} all-linear ({s['lora.dtype']}), "
              f"{s['train.optimizer']}, loss chunk {s['train.loss_chunk_size']}, gradient checkpointing{long}"
              + (f"; per GPU of {s['nproc']} ({s['train.distributed']})" if s["nproc"] > 1 else "")
+             + (f"; {s['train.objective'].upper()}: batch in pairs, two sequences each"
+                if s["train.objective"] != "sft" else "")
              + "; device bytes (host bytes on the last row)", "",
              "| | " + " | ".join(modes) + " |", "|---|" + "---:|" * len(modes)]
     for c in CATEGORIES:

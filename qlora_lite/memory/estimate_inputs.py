@@ -74,6 +74,9 @@ class Settings:
         nproc (int): data-parallel processes (`run --nproc`); the estimate is per GPU (the largest
             rank). Default 1.
         device (str): "cuda" (bool dropout masks) or "cpu" (masks in bf16). Default "cuda".
+        objective (str): train.objective; "dpo" and "orpo" train micro_batch_size pairs, two
+            sequences each. DPO's reference pass adds no moment: a forward under no_grad keeps one
+            layer's temporaries, less than the policy's backward (measured, tests/memory). Default "sft".
     """
 
     max_seq_len: int = 2048
@@ -90,6 +93,7 @@ class Settings:
     tiled_mlp: int | str = ModelConfig.tiled_mlp
     nproc: int = 1
     device: str = "cuda"
+    objective: str = TrainConfig.objective
 
     def __post_init__(self):
         if self.dtype not in LORA_DTYPES:
@@ -99,6 +103,11 @@ class Settings:
     def lora_bytes(self) -> int:
         """Bytes per adapter element."""
         return torch_dtype(self.dtype).itemsize
+
+    @property
+    def sequences(self) -> int:
+        """Sequences per micro-batch: a preference pair is its chosen and its rejected."""
+        return self.micro_batch_size * (1 if self.objective == "sft" else 2)
 
     @property
     def fused(self) -> bool:
@@ -120,7 +129,8 @@ RECIPE_KEYS = {"max_seq_len": "data.max_seq_len", "micro_batch_size": "train.mic
                "dropout": "lora.dropout", "dtype": "lora.dtype", "use_dora": "lora.use_dora",
                "optimizer": "train.optimizer", "loss_chunk_size": "train.loss_chunk_size",
                "grad_accum": "train.grad_accum", "distributed": "train.distributed",
-               "offload_activations": "model.offload_activations", "tiled_mlp": "model.tiled_mlp"}
+               "offload_activations": "model.offload_activations", "tiled_mlp": "model.tiled_mlp",
+               "objective": "train.objective"}
 
 
 def settings_from_recipe(recipe: Recipe, max_seq_len: int | None = None, device: str = "cuda",

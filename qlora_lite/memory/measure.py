@@ -46,17 +46,23 @@ def measure_mode(recipe: Recipe, mode: str, steps: int = 3, seq_len: int = 256, 
     peak includes optimizer state and gradients held across micro-batches, as in `run`.
 
     Args:
-        recipe (Recipe): the recipe (model, lora, train.optimizer, train.loss_chunk_size).
+        recipe (Recipe): the recipe (model, lora, train.optimizer, train.loss_chunk_size; train.objective
+            dpo or orpo trains on random pairs, with DPO's reference pass).
         mode (str): "qlora", "lora" or "full".
         steps (int): optimizer steps. Default 3.
         seq_len (int): tokens per sample. Default 256.
-        batch_size (int): samples per micro-batch. Default 1.
+        batch_size (int): samples (pairs, for DPO and ORPO) per micro-batch. Default 1.
         device (str): "cpu" or "cuda". Default "cpu".
         seed (int): seeds the random tokens. Default 0.
     """
+    from ..train.objectives import build_objective
     from ..train.optim import build_optimizer, optimizer_params
+    from ..train.reference import Reference
     from ..train.setup import build_model
 
+    if mode == "full" and recipe.train.objective == "dpo":
+        raise QloraError("a full fine-tune has no adapters to disable for DPO's reference (it would need a second "
+                         "copy of the model); measure the qlora and lora modes.")
     t0 = time.perf_counter()
     model, trainable = build_model(recipe, device, mode=mode)
     lora = trainable if mode != "full" else []
@@ -65,8 +71,12 @@ def measure_mode(recipe: Recipe, mode: str, steps: int = 3, seq_len: int = 256, 
     opt = build_optimizer(tc.optimizer, trainable, tc.lr, tc.weight_decay, full_precision=mode == "full")
     stepped = optimizer_params(opt)
     scaler = grad_scaler(compute, recipe.lora.dtype, device) if mode != "full" else None
+    sequences = batch_size * (1 if tc.objective == "sft" else 2)  # a pair is two sequences
     plan = random_steps(model.get_input_embeddings().weight.shape[0], steps, 2 if tc.grad_accum > 1 else 1,
-                        batch_size, seq_len, seed)
+                        sequences, seq_len, seed)
+    objective = build_objective(tc, recipe.data, Reference("base"))
+    if objective.pairs:
+        plan = [[pairs_batch(b) for b in batches] for batches in plan]
     tracker = MemoryTracker(module_tensors(model, lora))
     tracker.watch_optimizer(opt)
     reset_peak_memory(device)
@@ -75,7 +85,7 @@ def measure_mode(recipe: Recipe, mode: str, steps: int = 3, seq_len: int = 256, 
         for step, batches in enumerate(plan):
             r = train_step(model, batches, stepped, opt, device=device, max_grad_norm=tc.max_grad_norm,
                            loss_chunk_size=tc.loss_chunk_size, autocast=autocast_context(device, compute),
-                           scaler=scaler, phase=lambda name, s=step: tracker.set_phase(name, s))
+                           scaler=scaler, phase=lambda name, s=step: tracker.set_phase(name, s), objective=objective)
             losses.append(r.loss)
     result = {
         "mode": mode, "description": MODE_HELP[mode], "device": device, "seq_len": seq_len,
@@ -102,6 +112,16 @@ def random_steps(vocab: int, steps: int, last_micro: int, batch_size: int, seq_l
     return [[batch() for _ in range(last_micro if k == steps - 1 else 1)] for k in range(steps)]
 
 
+def pairs_batch(batch: dict) -> dict:
+    """Preference pairs from a batch of random rows: rows 2k and 2k + 1 are a pair's chosen and
+    rejected, every token but the first scored (a pair of `seq_len`-token sequences, all completion)."""
+    from ..data.batching import collate_pairs
+
+    rows = batch["input_ids"].tolist()
+    sides = [{"input_ids": ids, "labels": [-100] + ids[1:]} for ids in rows]
+    return collate_pairs([[{"chosen": c, "rejected": r}] for c, r in zip(sides[::2], sides[1::2])], 0)
+
+
 def run_mode_isolated(recipe: Recipe, mode: str, steps: int, seq_len: int, batch_size: int, device: str,
                       memory_limit: float | None) -> dict:
     """Measure one mode, or say why not: predicted not to fit `memory_limit`, or out of memory.
@@ -109,6 +129,9 @@ def run_mode_isolated(recipe: Recipe, mode: str, steps: int, seq_len: int, batch
     Nothing of the mode outlives this call (model, optimizer, tracker), and the CUDA cache is
     emptied after it, so the next mode starts from an empty device.
     """
+    if mode == "full" and recipe.train.objective == "dpo":
+        return skipped(mode, None, "DPO's reference is the base with the adapters disabled; a full fine-tune would "
+                                   "need a second copy of the model")
     predicted = predicted_peak(recipe, mode, seq_len, batch_size, device)
     if memory_limit and predicted and predicted > memory_limit:
         return skipped(mode, predicted, f"predicted {gib(predicted)}, does not fit in {gib(memory_limit)}")

@@ -1,5 +1,6 @@
 """estimate.py: exact persistent bytes, and predicted peaks within 10% of the measured ones."""
 
+import contextlib
 import json
 
 import pytest
@@ -183,3 +184,25 @@ def test_the_estimate_command_takes_recipe_names_and_its_old_flags_alike(tmp_pat
     assert from_file["settings"]["data.max_seq_len"] == 300
     bad = CliRunner().invoke(main, ["estimate", "llama-2-7b", "--set", "lora.rr=8"])
     assert bad.exit_code == 2 and "Did you mean `r`?" in bad.output
+
+
+@pytest.mark.parametrize("objective", ["dpo", "orpo"])
+def test_preference_pairs_are_estimated_as_measured(models, objective):
+    """A pair is two sequences: DPO (with its reference pass in the step) and ORPO within the SFT
+    tolerance of `profile`'s measurement, and above SFT's peak at the same length."""
+    from dataclasses import replace
+
+    name, _, _, knobs = CASES[1]
+    recipe = _recipe(models[name], knobs)
+    recipe.train.objective = objective
+    arch = load_arch(models[name])
+    for mode in ("qlora", "lora"):
+        measured = measure_mode(recipe, mode, steps=2, seq_len=96)["peak"]
+        predicted = estimate_mode(arch, replace(_settings(96, knobs), objective=objective), mode)
+        sft = estimate_mode(arch, _settings(96, knobs), mode)
+        for c in ("base_weights", "lora_params", "optimizer_state"):
+            assert predicted["bytes"][c] == measured["bytes"][c] == sft["bytes"][c], (mode, c)
+        assert abs(predicted["total"] / measured["total"] - 1) <= TOLERANCE, (mode, predicted["total"], measured)
+        assert predicted["bytes"]["activations"] > sft["bytes"]["activations"]
+    with pytest.raises(QloraError, match="second copy") if objective == "dpo" else contextlib.nullcontext():
+        measure_mode(recipe, "full", steps=1, seq_len=32)
