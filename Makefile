@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 SMOLLM2 := .cache/models/smollm2-135m-instruct
 
-.PHONY: demo demo-tiny smollm2 test test-fast install clean gpu-carry
+.PHONY: demo demo-dpo demo-tiny smollm2 test test-fast install clean gpu-carry
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -23,6 +23,13 @@ install: $(VENV)/.installed
 # export (`export --verify`); eval loss before/after. tools/identity_demo.py; docs/demo.md.
 demo: install $(SMOLLM2)/conversion.json
 	$(BIN)/python tools/identity_demo.py --recipe recipes/smollm2-identity.yaml --export runs/smollm2-identity-merged
+
+# Preference tuning on the same model: the identity SFT above, then DPO against that adapter on pairs of
+# the identity answers (chosen) vs the base model's own (rejected); held-out pair accuracy and margins
+# before/after, answers of SFT, SFT+DPO and the export. tools/preference_demo.py; docs/preference.md.
+demo-dpo: install $(SMOLLM2)/conversion.json
+	$(BIN)/python tools/preference_demo.py --sft recipes/smollm2-identity.yaml --dpo recipes/smollm2-dpo.yaml \
+		--export runs/smollm2-dpo-merged
 
 # The random tiny model's demo (no download at all): train, export --verify, ask the export.
 demo-tiny: install
