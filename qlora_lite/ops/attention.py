@@ -7,8 +7,10 @@ work (m^2 per sample for the padded kernel) and no mask, the same result. Right 
 no mask either: causal attention never looks ahead, and padded positions carry no loss. Which
 kernel does it (ops/packed_kernels.py) is `attention_kernel`'s one rule.
 
-Outside training (eval, generation with a cache or left padding) it is plain SDPA with the
-mask transformers builds, so `use_packed_attention(model)` is safe to leave on.
+Outside training (generation with a cache or left padding) it is plain SDPA with the mask
+transformers builds, so `use_packed_attention(model)` is safe to leave on; a forward handed its
+sample bounds (a host batch through step.to_device: DPO's reference pass, evaluation) is split
+as in training whatever the mode.
 """
 
 from __future__ import annotations
@@ -108,10 +110,9 @@ def add_sample_bounds(decoder, args, kwargs):
     for packed rows (masking_utils.find_packed_sequence_indices, `.all()`: a host sync on CUDA
     every forward); given the 2D padding mask, it builds a [B, 1, L, L] mask for nothing.
     """
-    position_ids = kwargs.get("position_ids")
-    if not (decoder.training and position_ids is not None):
+    position_ids, bounds = kwargs.get("position_ids"), kwargs.get(BOUNDS_KWARG)
+    if position_ids is None or not (decoder.training or bounds is not None):
         return args, kwargs
-    bounds = kwargs.get(BOUNDS_KWARG)
     if not isinstance(bounds, PackedRows):
         kwargs[BOUNDS_KWARG] = PackedRows(bounds if bounds is not None else sample_bounds(position_ids),
                                           position_ids.shape[1])
@@ -123,7 +124,8 @@ def add_sample_bounds(decoder, args, kwargs):
 def packed_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
                 position_ids=None, packed_sample_bounds=None, kernel: str | None = None, varlen_fn=None,
                 **kwargs):
-    """An AttentionInterface function: packed causal attention in training, plain SDPA otherwise.
+    """An AttentionInterface function: packed causal attention in training or when handed the
+    sample bounds, plain SDPA otherwise.
 
     Args:
         module: the attention module (for `training`).
@@ -142,7 +144,10 @@ def packed_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0,
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     same_length = query.shape[2] == key.shape[2]
-    if not (module.training and position_ids is not None and same_length):
+    # Bounds handed to the forward mark a batch laid out for training (step.to_device), also when it
+    # runs in eval mode: DPO's reference pass over packed pairs must not attend across samples.
+    packed = module.training or packed_sample_bounds is not None
+    if not (packed and position_ids is not None and same_length):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, position_ids=position_ids, **kwargs)
     rows = packed_sample_bounds

@@ -98,6 +98,15 @@ def test_dpo_equals_trl_with_a_peft_adapter_and_the_adapter_disabled_as_referenc
     check_grads(grads, want["grads"])
 
 
+def test_the_parity_tolerance_catches_a_one_percent_change_of_beta(tiny_llama, policy):
+    """The comparison above can fail: beta 0.101 against TRL's 0.1 moves the gradients past 1e-4."""
+    model, values = policy
+    want = trl_dpo_one_batch(tiny_llama, PAIRS, LORA, beta=0.1, loss_type="sigmoid", adapter_init=values)
+    _, _, grads = ours(model, DPO(beta=0.101, reference=Reference("base")), [[sample(p) for p in PAIRS]])
+    with pytest.raises(AssertionError):
+        check_grads(grads, want["grads"])
+
+
 def test_orpo_equals_trl_orpo(tiny_llama, policy):
     """TRL's ORPO takes its NLL on the whole chosen sequence, prompt included: data.train_on: all."""
     model, values = policy
@@ -123,6 +132,22 @@ def test_packing_chunking_and_accumulation_train_what_one_padded_batch_trains(po
         assert got[0] == pytest.approx(want[0], abs=1e-5)
         assert got[1] == pytest.approx(want[1], abs=1e-5)
         check_grads(got[2], want[2])
+
+
+def test_the_reference_pass_over_packed_pairs_keeps_each_sequence_to_itself(tiny_llama):
+    """As training lays packed rows out (no mask: the packed attention splits them where positions
+    restart), the reference pass in eval mode must split them too, not attend across a pair."""
+    from qlora_lite.ops.attention import use_packed_attention
+
+    model, _ = fp32_model(tiny_llama)
+    use_packed_attention(model)
+    pairs = [sample(p) for p in PAIRS]
+    unpacked = to_device(collate_pairs([[p] for p in pairs], 0), "cpu")
+    packed = to_device(collate_pairs([pairs], 0, packed=True, packed_mask="position_ids"), "cpu")
+    assert "attention_mask" not in packed and packed["input_ids"].shape[0] == 1
+    ref = Reference("base")
+    torch.testing.assert_close(ref.logps(model, packed, 0), ref.logps(model, unpacked, 0), rtol=0, atol=1e-5)
+    assert model.training  # the reference pass leaves the mode as it found it
 
 
 def test_the_adapter_reference_is_the_initial_adapter_frozen_and_disabling_gives_the_base(tiny_llama, policy):
