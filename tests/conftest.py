@@ -12,6 +12,7 @@ import torch
 from qlora_lite.lora.files import save_adapter
 from qlora_lite.lora.layer import attach_lora, lora_modules
 from qlora_lite.model.loader import load_model
+from qlora_lite.model.tiny import TINY_CHAT_TEMPLATE, build_tiny_tokenizer
 from qlora_lite.recipe import (
     DataConfig,
     LoraConfig,
@@ -48,6 +49,25 @@ def build_tiny(out_dir, arch: str = "llama", seed: int = 0, tie: bool = False, d
     model = cls(cfg(**common)).to(dtype)
     model.save_pretrained(out_dir, safe_serialization=True)
     return str(out_dir)
+
+
+@pytest.fixture(scope="session")
+def tok():
+    """The tiny BPE tokenizer without a chat template (the Alpaca layout)."""
+    return build_tiny_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def chat_tok():
+    """The tiny tokenizer with a ChatML-style chat template."""
+    t = build_tiny_tokenizer()
+    t.chat_template = TINY_CHAT_TEMPLATE
+    return t
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
 
 
 @pytest.fixture(scope="session")

@@ -6,29 +6,13 @@ import json
 import os
 
 import pytest
+from conftest import write_jsonl
 
 from qlora_lite.data.dataset import IGNORE_INDEX, build_datasets, detect_format, tokenize_rows
 from qlora_lite.data.templates import alpaca_prompt, prompt_ids
 from qlora_lite.errors import QloraError
-from qlora_lite.model.tiny import TINY_CHAT_TEMPLATE, build_tiny_tokenizer
+from qlora_lite.model.tiny import TINY_CHAT_TEMPLATE
 from qlora_lite.recipe import DataConfig
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return build_tiny_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def chat_tok():
-    t = build_tiny_tokenizer()
-    t.chat_template = TINY_CHAT_TEMPLATE
-    return t
-
-
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)
 
 
 def build(tmp_path, tokenizer, rows, cache=False, name="d.jsonl", **cfg):
