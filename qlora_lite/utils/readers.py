@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import codecs
 import contextlib
+import hashlib
 import json
 import pickle
 from pathlib import Path
@@ -209,3 +210,12 @@ def read_log(path) -> list[dict]:
         if isinstance(record, dict):
             records.append(record)
     return records
+
+
+def file_sha256(path) -> str:
+    """The sha256 of a file's bytes, read in 1 MiB blocks (a 7B shard never sits in memory whole)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
