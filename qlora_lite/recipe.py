@@ -20,6 +20,7 @@ import yaml
 from .errors import QloraError
 from .utils.atomic import atomic_write_text
 from .utils.dtypes import COMPUTE_DTYPES, LORA_DTYPES
+from .utils.units import parse_duration
 
 
 class RecipeError(QloraError):
@@ -210,6 +211,9 @@ class TrainConfig:
         seed (int): seeds Python, torch and data order. Default 42.
         epochs (int): passes over the data when max_steps is unset. Default 1.
         max_steps (int | None): optimizer steps; overrides epochs. Default None.
+        max_time (str | float | None): wall-clock budget of one process, e.g. "3h50m", "90m",
+            "45s" or seconds: the run stops with a checkpoint before it would run past it, and
+            `--resume auto` goes on (docs/runs.md, "A time budget"). Default None (no limit).
         micro_batch_size (int): samples per forward. Default 1.
         grad_accum (int): micro-batches per optimizer step. Default 16.
         lr (float): peak learning rate. Default 2e-4.
@@ -247,6 +251,7 @@ class TrainConfig:
     seed: int = 42
     epochs: int = 1
     max_steps: int | None = None
+    max_time: str | float | None = None
     micro_batch_size: int = 1
     grad_accum: int = 16
     lr: float = 2e-4
@@ -270,10 +275,22 @@ class TrainConfig:
     loss_type: str = "sigmoid"
     precompute_reference: bool = False
 
+    @property
+    def max_time_s(self) -> float | None:
+        """train.max_time in seconds, None when unset."""
+        if self.max_time is None:
+            return None
+        try:
+            return parse_duration(self.max_time, "train.max_time")
+        except QloraError as e:
+            raise RecipeError(str(e)) from None
+
     def __post_init__(self):
         _check_positive("train.epochs", self.epochs)
         if self.max_steps is not None:
             _check_positive("train.max_steps", self.max_steps)
+        if self.max_time is not None:
+            self.max_time_s  # checks it reads as a duration
         _check_positive("train.micro_batch_size", self.micro_batch_size)
         _check_positive("train.grad_accum", self.grad_accum)
         _check_positive("train.lr", self.lr)

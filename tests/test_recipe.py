@@ -44,6 +44,7 @@ def test_the_four_required_recipes_exist():
     (with_("data", format="jsonl"), "data.format must be one of auto, alpaca"),
     (with_("lora", dropout=1.0), "lora.dropout must be in [0, 1)"),
     ({"data": {"path": "x"}}, "no `model` section"),
+    (with_("train", max_time="4 hours"), "train.max_time '4 hours' is not a duration; write e.g. 3h50m"),
 ])
 def test_errors_name_the_field(raw, msg):
     with pytest.raises(RecipeError) as e:
@@ -54,6 +55,12 @@ def test_errors_name_the_field(raw, msg):
 def test_yaml_1_1_float_strings_and_ints_are_numbers():
     r = recipe_from_dict(with_("train", lr="1e-4", weight_decay=0))
     assert r.train.lr == 1e-4 and isinstance(r.train.weight_decay, float)
+
+
+def test_max_time_takes_a_duration_or_seconds():
+    assert recipe_from_dict(with_("train", max_time="3h50m")).train.max_time_s == 13800
+    assert recipe_from_dict(with_("train", max_time=90)).train.max_time_s == 90
+    assert recipe_from_dict(BASE).train.max_time_s is None
 
 
 def test_overrides_apply_before_validation(tmp_path):

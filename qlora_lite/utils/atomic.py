@@ -89,6 +89,24 @@ def atomic_write_json(path: str | os.PathLike, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
+def append_line(path: str | os.PathLike, line: str) -> None:
+    """Append one line to a log file in a single O_APPEND write, fsynced: a crash leaves the earlier
+    lines whole and at most this one cut, which readers of such logs skip."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = (line.rstrip("\n") + "\n").encode("utf-8")
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    except OSError as e:
+        if space_errno(e):
+            raise NoSpaceError(path, len(data), e.strerror) from None
+        raise
+    finally:
+        os.close(fd)
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike, overwrite: bool = False):
     """Yield a temporary folder beside `path`; on success rename it to `path`.

@@ -38,3 +38,30 @@ def parse_size(text: str | int, option: str = "size") -> int:
 def gib(n: float) -> str:
     """Bytes as a short human string (GiB above 1 GiB, else MiB)."""
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+DURATION_UNITS = {"d": 86400, "h": 3600, "m": 60, "s": 1}
+
+
+def parse_duration(text: str | int | float, option: str = "duration") -> float:
+    """Seconds from "3h50m", "90m", "45s", "1d2h", "1.5h" or a number of seconds.
+
+    Args:
+        text (str | int | float): the duration.
+        option (str): the setting it came from, named in the error. Default "duration".
+    """
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        seconds = float(text)
+    else:
+        s = str(text).strip().lower().replace(" ", "")
+        parts = re.findall(r"(\d+(?:\.\d+)?)([dhms])", s)
+        if re.fullmatch(r"\d+(?:\.\d+)?", s):
+            seconds = float(s)
+        elif parts and "".join(n + u for n, u in parts) == s and len({u for _, u in parts}) == len(parts):
+            seconds = sum(float(n) * DURATION_UNITS[u] for n, u in parts)
+        else:
+            raise QloraError(f"{option} {text!r} is not a duration; write e.g. 3h50m, 90m, 45s or a number of "
+                             "seconds (units d, h, m, s).")
+    if seconds <= 0:
+        raise QloraError(f"{option} must be more than 0 seconds, got {text!r}.")
+    return seconds

@@ -25,3 +25,19 @@ def test_bad_sizes_name_the_option_and_the_units(bad):
 
 def test_gib_formats_binary_units():
     assert gib(24 * 2**30) == "24.00 GiB" and gib(3 * 2**20) == "3.0 MiB"
+
+
+def test_durations_read_hours_minutes_seconds_and_plain_seconds():
+    from qlora_lite.utils.units import parse_duration
+
+    assert parse_duration("3h50m") == 3 * 3600 + 50 * 60 and parse_duration("90m") == 5400
+    assert parse_duration("45s") == 45 and parse_duration("1d2h") == 93600 and parse_duration("1.5h") == 5400
+    assert parse_duration(120) == 120 and parse_duration("120") == 120 and parse_duration(" 2h 5m ") == 7500
+
+
+@pytest.mark.parametrize("bad", ["3x", "h", "0", "-5", "3h3h", "", "1h-5m"])
+def test_bad_durations_name_the_setting_and_the_units(bad):
+    from qlora_lite.utils.units import parse_duration
+
+    with pytest.raises(QloraError, match=r"train\.max_time .*(duration|more than 0)"):
+        parse_duration(bad, "train.max_time")
