@@ -96,15 +96,46 @@ def resolve_source(path: str | Path, model: str | None = None) -> RunSource:
 # ---------------------------------------------------------------- making and checking it (run)
 
 
-RUN_MARKERS = (RECIPE_NAME, "metrics.jsonl", "checkpoints")
+RUN_MARKERS = (RECIPE_NAME, "metrics.jsonl", "checkpoints", "events.jsonl")
 # What may change between a run and its resume: how long and how often, never what is trained.
 RESUMABLE_CHANGES = {"train.max_steps", "train.epochs", "train.log_every", "train.eval_every",
                      "train.eval_max_batches", "train.save_every", "train.keep_last", "train.device",
                      "output.dir",  # a run folder may be moved
+                     # Data may move (another machine, another mount): its content is checked
+                     # instead, by hash (runs/fingerprint.py).
+                     "data.path", "data.eval_path",
+                     "train.max_time",  # each job of a requeued run has its own allocation
                      "train.report_to",  # trackers: one added on resume starts its own run there
                      # Another world size: grad_accum may change with it as long as the global
                      # batch stays (distributed.check_global_batch).
                      "train.grad_accum"}
+
+
+def is_foreign_folder(run_dir: Path) -> bool:
+    """Whether `run_dir` holds files that are not a qlora-lite run's (output.dir=. on a project):
+    the one rule for what `run` may delete or start over."""
+    return run_dir.is_dir() and has_content(run_dir) and not any((run_dir / n).exists() for n in RUN_MARKERS)
+
+
+def is_finished(run_dir: Path) -> bool:
+    """Whether the run in `run_dir` wrote its final adapter or summary."""
+    return (run_dir / "summary.json").is_file() or (run_dir / ADAPTER_DIR).exists()
+
+
+def resolve_resume(run_dir: Path, resume: bool | str) -> bool:
+    """Whether to resume: `--resume` (True) always; `--resume auto` when the folder holds a complete
+    checkpoint of an unfinished run, starting fresh when it holds none. `auto` refuses a finished
+    run and a folder of someone else's files, so a requeued job never redoes or clobbers work."""
+    if resume != "auto":
+        return bool(resume)
+    if is_finished(run_dir):
+        raise QloraError(f"--resume auto: {str(run_dir)!r} holds a finished run (summary.json, adapter/); there "
+                         "is nothing to resume and it is not started over. Use the adapter, or start another "
+                         "run with --set output.dir=runs/NEW (or --overwrite to replace this one).")
+    if is_foreign_folder(run_dir):
+        raise QloraError(f"--resume auto: {str(run_dir)!r} holds files that are not a qlora-lite run (no "
+                         f"{', '.join(RUN_MARKERS)}); refusing to start a run over them. Choose another output.dir.")
+    return latest_checkpoint(run_dir) is not None
 
 
 def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool = False) -> None:
@@ -112,7 +143,7 @@ def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool = False) -> Non
     another run unless told to (--overwrite), and never delete a folder that is not a run's."""
     if overwrite and run_dir.exists():
         # Only ever delete a run folder (or an empty one): output.dir=. must not wipe a project.
-        if has_content(run_dir) and not any((run_dir / n).exists() for n in RUN_MARKERS):
+        if is_foreign_folder(run_dir):
             raise QloraError(f"--overwrite: {str(run_dir)!r} is not a qlora-lite run folder (no "
                              f"{', '.join(RUN_MARKERS)}); refusing to delete it. Choose another output.dir.")
         clear_run_folder(run_dir)  # keeps the lock this process holds
@@ -121,7 +152,8 @@ def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool = False) -> Non
             raise QloraError(f"--resume: no checkpoint in {str(run_dir / 'checkpoints')!r}; "
                              "run without --resume to start fresh.")
         return
-    if (run_dir / "checkpoints").exists() or (run_dir / "adapter").exists():
+    # A folder whose run saved no complete checkpoint (stopped before its first) holds nothing to lose.
+    if latest_checkpoint(run_dir) is not None or (run_dir / ADAPTER_DIR).exists():
         raise QloraError(f"Output folder {str(run_dir)!r} already holds a run; pass --resume to continue it, "
                          "--overwrite to replace it, or --set output.dir=runs/new to start another.")
     run_dir.mkdir(parents=True, exist_ok=True)
