@@ -11,6 +11,8 @@ from .export.gguf import GGUF_TYPES
 from .recipe import OBJECTIVES, STRATEGIES, check_fsdp_optimizer
 from .utils.dtypes import SHORT_NAMES
 
+RESUME_MODES = ("latest", "auto")  # bare --resume is "latest"
+
 
 class _Group(click.Group):
     """Turn our input errors into one clear line instead of a traceback."""
@@ -41,17 +43,24 @@ def main():
 @main.command()
 @click.argument("recipe", type=click.Path(dir_okay=False))
 @click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE", help="Override a recipe value.")
-@click.option("--resume", is_flag=True, help="Continue from the newest complete checkpoint in the run folder.")
+@click.option("--resume", type=click.Choice(RESUME_MODES), is_flag=False, flag_value="latest", default=None,
+              help="Continue from the newest complete checkpoint in the run folder. `--resume auto`: that when "
+                   "there is one, else start fresh (one command line for a job's first start and every requeue).")
+@click.option("--accept-changed-data", is_flag=True,
+              help="With --resume: continue although a data file or the tokenizer changed since the run started "
+                   "(recorded in events.jsonl).")
 @click.option("--overwrite", is_flag=True, help="Delete a previous run in output.dir and start fresh.")
 @click.option("--demo", is_flag=True, help="Also show eval loss and a generation before vs after training.")
 @click.option("--nproc", default=1, show_default=True, type=click.IntRange(min=1),
               help="Processes on this machine (one per GPU): starts torchrun with train.distributed.")
-def run(recipe, overrides, resume, overwrite, demo, nproc):
+def run(recipe, overrides, resume, accept_changed_data, overwrite, demo, nproc):
     """Fine-tune with RECIPE (a YAML file)."""
     from .recipe import load_recipe
 
     if resume and overwrite:
         raise click.UsageError("--resume and --overwrite exclude each other.")
+    if accept_changed_data and not resume:
+        raise click.UsageError("--accept-changed-data applies only with --resume (or --resume auto).")
     cfg = load_recipe(recipe, overrides)  # a bad recipe fails here, once, not in every rank
     if nproc > 1:
         from .parallel.distributed import launch
@@ -59,12 +68,14 @@ def run(recipe, overrides, resume, overwrite, demo, nproc):
         if cfg.train.distributed == "fsdp":  # refuse here once, not in every rank
             check_fsdp_optimizer(cfg.train.optimizer)
 
-        args = [recipe, *(a for o in overrides for a in ("--set", o)), *(["--resume"] if resume else []),
+        args = [recipe, *(a for o in overrides for a in ("--set", o)), *(["--resume", resume] if resume else []),
+                *(["--accept-changed-data"] if accept_changed_data else []),
                 *(["--overwrite"] if overwrite else []), *(["--demo"] if demo else [])]
         sys.exit(launch(nproc, ["run", *args]))
     from .train.loop import run_recipe
 
-    sys.exit(run_recipe(cfg, resume=resume, overwrite=overwrite, demo=demo))
+    sys.exit(run_recipe(cfg, resume={"latest": True, "auto": "auto", None: False}[resume], overwrite=overwrite,
+                        demo=demo, accept_changed_data=accept_changed_data, recipe_path=recipe))
 
 
 @main.command()

@@ -70,11 +70,19 @@ class World:
 
     def any(self, flag: bool) -> bool:
         """True on every rank when `flag` is true on any (e.g. one rank saw Ctrl-C)."""
+        return bool(self.max(1 if flag else 0))
+
+    def max(self, value: int) -> int:
+        """The largest of the ranks' `value` on every rank (e.g. which stop signal any rank saw).
+
+        Through a CPU (gloo) group, also under NCCL: asking this between micro-batches reads no
+        GPU value, so it adds no host sync to a step (it does wait for the slowest rank's host).
+        """
         if not self.parallel:
-            return flag
-        t = torch.tensor([1.0 if flag else 0.0], device=collective_device())
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item())
+            return value
+        t = torch.tensor([value], dtype=torch.int64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_CPU_GROUP)
+        return int(t.item())
 
     def sum_tensor(self, value: torch.Tensor) -> torch.Tensor:
         """Sum a small tensor over ranks (in float64, so the sum depends little on the order)."""
@@ -120,7 +128,13 @@ def init_world(strategy: str | None, device: str) -> World:
     if not dist.is_initialized():
         timeout = datetime.timedelta(seconds=float(os.environ.get("QLORA_LITE_DIST_TIMEOUT", DEFAULT_TIMEOUT_S)))
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo", timeout=timeout)
+    global _CPU_GROUP
+    # The stop flag's group (World.max): gloo beside NCCL, so agreeing on it never touches the GPU.
+    _CPU_GROUP = dist.new_group(backend="gloo") if dist.get_backend() == "nccl" else None
     return World(rank, size, local_rank, strategy)
+
+
+_CPU_GROUP = None  # None: the default group is gloo already (CPU runs) or there is no group
 
 
 def close_world(world: World) -> None:
@@ -227,7 +241,9 @@ def torchrun_command(nproc: int, cli_args: list[str]) -> list[str]:
 
 def launch(nproc: int, cli_args: list[str]) -> int:
     """Run torchrun as a child and return its exit status; Ctrl-C reaches torchrun, which
-    passes it once to every rank (each finishes its step, rank 0 saves), and we return 130."""
+    passes it once to every rank (each finishes its step, rank 0 saves), and we return 130.
+    SIGTERM and SIGUSR1 (a cluster's preemption) reach torchrun as SIGTERM, which it passes to
+    every rank (torchrun dies of SIGUSR1 itself), and we return 128 + the signal we got."""
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", "1")  # one thread per rank: the ranks share the cores
     # Its own session: a terminal's Ctrl-C reaches only us, and we pass exactly one SIGINT on
@@ -236,12 +252,20 @@ def launch(nproc: int, cli_args: list[str]) -> int:
     # Python leaves SIGINT ignored when it started ignored (a job started in the background by a
     # non-interactive shell): set the handler ourselves so Ctrl-C (or kill -INT) always reaches us.
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    interrupted = False
+    got = []
+
+    def preempted(signum, frame):
+        if not got:
+            proc.send_signal(signal.SIGTERM)
+        got.append(signum)
+
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, preempted)
     while True:
         try:
             code = proc.wait()
             break
         except KeyboardInterrupt:
-            interrupted = True
+            got.append(signal.SIGINT)
             proc.send_signal(signal.SIGINT)
-    return 130 if interrupted else code
+    return 128 + got[0] if got else code

@@ -7,8 +7,8 @@ log, eval, checkpoint. Everything else lives in its own module.
 
 from __future__ import annotations
 
+import contextlib
 import os
-import signal
 import sys
 import time
 
@@ -19,6 +19,7 @@ from ..lora.files import save_adapter
 from ..lora.layer import trainable_summary
 from ..parallel.distributed import close_world, merge_peaks, peer_lost, step_sync, world_is_main
 from ..recipe import Recipe
+from ..runs.events import record_event
 from ..runs.lock import run_lock
 from ..utils.atomic import atomic_dir, atomic_write_json
 from .batches import MicroBatch, mask_dtype, micro_batches
@@ -26,27 +27,38 @@ from .metrics import LogWindow, MetricsLog, format_summary, last_logged_loss, lo
 from .parallel_run import adapter_state
 from .setup import Run, setup_run
 from .step import NonFiniteLoss, train_step
+from .stopping import (
+    SAVE_GUESS_BYTES_PER_S,
+    StepAbandoned,
+    StopFlag,
+    Stopped,
+    TimeBudget,
+    reason_name,
+    restore_rng,
+    rng_snapshot,
+)
 
-EXIT_INTERRUPTED = 130  # the shell's code for "stopped by SIGINT"
-
-class Interrupted(Exception):
-    """Ctrl-C: a checkpoint was saved at the last finished step."""
+EXIT_INTERRUPTED = 130  # the shell's code for "stopped by SIGINT"; SIGTERM 143, SIGUSR1 138 (stopping.py)
 
 
-def run_recipe(recipe: Recipe, resume: bool = False, overwrite: bool = False, demo: bool = False) -> int:
+def run_recipe(recipe: Recipe, resume: bool | str = False, overwrite: bool = False, demo: bool = False,
+               accept_changed_data: bool = False, recipe_path: str = "RECIPE") -> int:
     """CLI entry: train, print the summary table, return the process exit status."""
     main = world_is_main()
-    try:
-        summary = train(recipe, resume=resume, overwrite=overwrite, demo=demo)
-    except Interrupted as e:
-        print(f"\ninterrupted: {e}; resume with --resume", file=sys.stderr) if main else None
-        return EXIT_INTERRUPTED
-    except NonFiniteLoss as e:  # every rank raised it; one says so
-        print(f"error: {e}", file=sys.stderr) if main else None
-        return 1
-    except torch.distributed.DistError as e:  # a collective failed: another rank died or hung
-        print(f"error: {peer_lost(e)}", file=sys.stderr)
-        return 1
+    # From here to the exit line: a signal while the stopped run saves, or after, is only noted.
+    with StopFlag() as flag:
+        try:
+            summary = train(recipe, resume=resume, overwrite=overwrite, demo=demo,
+                            accept_changed_data=accept_changed_data, stop=flag)
+        except Stopped as e:
+            print(f"\n{e.line(recipe_path)}", file=sys.stderr) if main else None
+            return e.exit_status
+        except NonFiniteLoss as e:  # every rank raised it; one says so
+            print(f"error: {e}", file=sys.stderr) if main else None
+            return 1
+        except torch.distributed.DistError as e:  # a collective failed: another rank died or hung
+            print(f"error: {peer_lost(e)}", file=sys.stderr)
+            return 1
     if not main:
         return 0
     print(format_summary(summary))
@@ -57,24 +69,34 @@ def run_recipe(recipe: Recipe, resume: bool = False, overwrite: bool = False, de
     return 0
 
 
-def train(recipe: Recipe, resume: bool = False, overwrite: bool = False, demo: bool = False) -> dict:
+def train(recipe: Recipe, resume: bool | str = False, overwrite: bool = False, demo: bool = False,
+          accept_changed_data: bool = False, stop: StopFlag | None = None) -> dict:
     """Fine-tune the recipe's model; returns the run summary (also in <output>/summary.json).
 
     Args:
         recipe (Recipe): a validated recipe.
-        resume (bool): continue from the newest complete checkpoint. Default False.
+        resume (bool | str): True: continue from the newest complete checkpoint; "auto": that
+            when there is one, else start fresh (runs/folder.resolve_resume). Default False.
         overwrite (bool): delete a previous run in the output folder first. Default False.
         demo (bool): eval loss and a generation before and after training. Default False.
+        accept_changed_data (bool): resume although the data changed (recorded). Default False.
+        stop (StopFlag | None): the signal flag the caller holds; None: one for the training. Default None.
     """
+    budget = TimeBudget(recipe.train.max_time_s)  # the clock starts before setup: loading counts
     # One process owns a run folder, from before its first write to the summary (runs/lock.py); under
     # torchrun only the writing rank (0) holds the lock.
     with run_lock(recipe.output.dir, "run --resume" if resume else "run", enabled=writing_rank()):
-        run = setup_run(recipe, resume=resume, overwrite=overwrite)
+        run = setup_run(recipe, resume=resume, overwrite=overwrite, accept_changed_data=accept_changed_data)
         try:
-            before = _demo(run) if demo else None
-            fit(run)
-            extra = {"demo": {"before": before, "after": _demo(run)}} if before is not None else {}
-            return finish(run, extra)
+            with contextlib.nullcontext(stop) if stop is not None else StopFlag() as flag:
+                before = _demo(run) if demo else None
+                fit(run, flag, budget)
+                extra = {"demo": {"before": before, "after": _demo(run)}} if before is not None else {}
+                return finish(run, extra)
+        except NonFiniteLoss as e:
+            if run.world.main:
+                record_event(run.run_dir, "error", run.state.step, reason=str(e), world_size=run.world.size)
+            raise
         finally:
             close_world(run.world)
 
@@ -90,9 +112,12 @@ def _demo(run: Run) -> dict | None:
     return demo_snapshot(run.model, run.tokenizer, run.eval_set, run.evaluate) if run.eval_set else None
 
 
-def fit(run: Run) -> None:
-    """Train until `total_steps`: each step is grad_accum micro-batches and one optimizer step."""
+def fit(run: Run, flag: StopFlag | None = None, budget: TimeBudget | None = None) -> None:
+    """Train until `total_steps`: each step is grad_accum micro-batches and one optimizer step.
+    A stop signal or train.max_time ends it early with a checkpoint (`stop_run`, raises Stopped)."""
     t, state, world = run.recipe.train, run.state, run.world
+    flag, budget = flag or StopFlag(), budget or TimeBudget(t.max_time_s)
+    budget.save_s = budget.save_s or checkpoint_bytes(run) / SAVE_GUESS_BYTES_PER_S
     stream = micro_batches(run.train_set, run.recipe, state.epoch, state.batch_in_epoch,
                            run.tokenizer.pad_token_id, mask_dtype(run.model), keep=world.keeps(t.grad_accum),
                            objective=run.objective)
@@ -102,12 +127,20 @@ def fit(run: Run) -> None:
                disable=None if world.main else True)
     log.write = bar.write if world.main else _quiet
     run.model.train()
-    with InterruptFlag() as interrupt, bar, run.tracker:
+    with bar, run.tracker:
         try:
             while state.step < run.total_steps:
+                # All ranks stop at the same step; rank 0's clock decides train.max_time.
+                if code := flag.agreed(world, time_up=world.main and budget.up()):
+                    stop_run(run, code, budget)
                 t0 = time.perf_counter()
+                rng = rng_snapshot()  # a step cut short puts the RNG back here: the checkpoint stays exact
                 micro = [next(stream) for _ in range(t.grad_accum * world.size)]  # the global step
-                result = checked_step(run, micro)
+                try:
+                    result = checked_step(run, micro, stop=lambda: flag.poll(world))
+                except StepAbandoned as e:
+                    restore_rng(rng)
+                    stop_run(run, e.code, budget)
                 advance(run, micro, result, time.perf_counter() - t0)
                 bar.update(1)
                 bar.set_postfix(loss=f"{result.loss:.4f}")
@@ -118,22 +151,45 @@ def fit(run: Run) -> None:
                 if run.eval_set and t.eval_every and state.step % t.eval_every == 0 and state.step != run.total_steps:
                     run.last_eval = log.eval(state.step, run.evaluate())
                     run.model.train()
-                stop = interrupt.agreed(world)  # all ranks stop at the same step
-                if (t.save_every and state.step % t.save_every == 0) or stop:
-                    run.save()
-                if stop:
-                    raise Interrupted(f"checkpoint saved at step {state.step}")
+                if t.save_every and state.step % t.save_every == 0:
+                    timed_save(run, budget)
+                budget.note_step(time.perf_counter() - t0)
             if run.eval_set:
                 run.last_eval = log.eval(state.step, run.evaluate())
         finally:
             log.close()
 
 
+def timed_save(run: Run, budget: TimeBudget) -> None:
+    """Checkpoint the last finished step (every rank takes part), timing it for train.max_time."""
+    t0 = time.perf_counter()
+    run.save()
+    run.saved_step = run.state.step
+    budget.note_save(time.perf_counter() - t0)
+
+
+def stop_run(run: Run, code: int, budget: TimeBudget) -> None:
+    """Save the last finished step (unless that checkpoint exists), record why, raise Stopped."""
+    if run.saved_step != run.state.step:
+        timed_save(run, budget)
+    checkpoint = run.run_dir / "checkpoints" / f"step-{run.state.step}"
+    if run.world.main:
+        record_event(run.run_dir, "stop", run.state.step, reason=reason_name(code), world_size=run.world.size,
+                     checkpoint=str(checkpoint), save_s=round(budget.save_s, 3))
+    raise Stopped(code, run.state.step, checkpoint)
+
+
+def checkpoint_bytes(run: Run) -> int:
+    """About what a checkpoint writes: the adapter and two optimizer moments per weight (fp32,
+    the most an optimizer we offer keeps); train.max_time's guess before the first save."""
+    return sum(p.numel() * (p.element_size() + 8) for p in run.params)
+
+
 def _quiet(message: str) -> None:
     """The log echo of ranks other than 0."""
 
 
-def checked_step(run: Run, micro: list[MicroBatch]):
+def checked_step(run: Run, micro: list[MicroBatch], stop=None):
     """One optimizer step over this rank's share of `micro` (the global step); a NaN/inf loss
     names the step and the checkpoint that stays."""
     t, world = run.recipe.train, run.world
@@ -144,7 +200,7 @@ def checked_step(run: Run, micro: list[MicroBatch]):
                           device=run.device, max_grad_norm=t.max_grad_norm, loss_chunk_size=t.loss_chunk_size,
                           autocast=run.autocast, scaler=run.scaler, normalizer=normalizer,
                           sync=step_sync(world, run.params, reduce_grads=world.strategy == "ddp"),
-                          objective=run.objective)
+                          objective=run.objective, stop=stop)
     except NonFiniteLoss as e:
         raise NonFiniteLoss(f"{e} at step {run.state.step + 1}; the last good checkpoint is kept in "
                             f"{run.run_dir / 'checkpoints'}. Lower train.lr or check the data.") from None
@@ -201,41 +257,7 @@ def finish(run: Run, extra: dict | None = None) -> dict:
     }
     if run.world.main:
         atomic_write_json(run.run_dir / "summary.json", summary)
+        record_event(run.run_dir, "finish", run.state.step, world_size=run.world.size)
         run.tracker.finish(summary)
     run.world.barrier()
     return summary
-
-
-class InterruptFlag:
-    """First Ctrl-C asks for a checkpoint at the end of the current step; a second one aborts."""
-
-    def __init__(self):
-        self.requested = False
-        self._old = None
-
-    def _handler(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        print("\nCtrl-C: saving a checkpoint after this step (press again to abort without saving)",
-              file=sys.stderr)
-
-    def agreed(self, world) -> bool:
-        """True on every rank when any rank has seen Ctrl-C.
-
-        The flag is only ever raised here, never assigned from the all-reduce: ranks wait for each
-        other inside that collective, which is where a Ctrl-C most often lands, and writing its
-        result back would erase a flag the handler raised during the call (seen as a lost Ctrl-C
-        under torchrun). Such a late Ctrl-C is agreed on at the next step.
-        """
-        if world.any(self.requested):
-            self.requested = True
-            return True
-        return False
-
-    def __enter__(self):
-        self._old = signal.signal(signal.SIGINT, self._handler)
-        return self
-
-    def __exit__(self, *exc):
-        signal.signal(signal.SIGINT, self._old)

@@ -20,7 +20,9 @@ from ..ops.attention import use_packed_attention
 from ..parallel.distributed import World, check_global_batch, init_world, main_first
 from ..recipe import LoraConfig, Recipe, save_recipe
 from ..runs.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from ..runs.folder import check_resumable, prepare_run_dir, resolve_source
+from ..runs.events import record_event
+from ..runs.fingerprint import check_data, data_fingerprint, write_fingerprint
+from ..runs.folder import check_resumable, prepare_run_dir, resolve_resume, resolve_source
 from ..utils.atomic import atomic_write_json
 from ..utils.host_memory import return_freed_memory
 from .batches import plan_epoch
@@ -70,6 +72,8 @@ class Run:
     last_eval: dict | None = None  # the newest evaluation: {"loss", and the objective's statistics}
     tracker: Tracker = field(default_factory=lambda: Tracker([]))  # train.report_to (train/tracking.py)
     objective: object = field(default_factory=SFT)  # what a step minimises (objectives.py)
+    saved_step: int | None = None  # the step of the newest checkpoint this run wrote or resumed from
+    resumed: bool = False  # continued from a checkpoint (also when `--resume auto` found one)
 
     def evaluate(self) -> dict:
         t = self.recipe.train
@@ -85,14 +89,16 @@ class Run:
                         scaler=self.scaler)
 
 
-def setup_run(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> Run:
+def setup_run(recipe: Recipe, resume: bool | str = False, overwrite: bool = False,
+              accept_changed_data: bool = False) -> Run:
     """Prepare the run folder, data, model with adapters, optimizer and schedule; restore a
     checkpoint when resuming.
 
     Args:
         recipe (Recipe): a validated recipe.
-        resume (bool): continue from the newest complete checkpoint. Default False.
+        resume (bool | str): True: from the newest checkpoint; "auto": that or fresh. Default False.
         overwrite (bool): delete a previous run in the output folder first. Default False.
+        accept_changed_data (bool): resume on changed data (recorded). Default False.
     """
     cfg, t = recipe, recipe.train
     if cfg.data is None:
@@ -101,23 +107,25 @@ def setup_run(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> 
     device = pick_device(t.device)
     world = init_world(t.distributed, device)
     device = f"cuda:{world.local_rank}" if world.parallel and device == "cuda" else device
-    main_first(world, lambda: prepare_run(cfg, run_dir, resume, overwrite, world), others=False)
+    resume = world.gather_objects(main_first(world, lambda: prepare_run(cfg, run_dir, resume, overwrite, world),
+                                             others=False))[0]  # rank 0 decides what `auto` means
     return_freed_memory()  # before loading: its temporaries are the first to pile up (utils/host_memory.py)
     scaler = grad_scaler(cfg.model.quantization.compute_dtype, cfg.lora.dtype, device)
+    # Rank 0 first: it fills the caches (tokenized data, a built-in model) the others then read.
+    tokenizer = main_first(world, lambda: load_tokenizer(cfg.model))
+    # Before anything in the folder changes: a resume on changed data is refused here.
+    accepted = main_first(world, lambda: record_run(cfg, run_dir, tokenizer, resume, accept_changed_data),
+                          others=False)
     tracker = open_trackers(cfg, run_dir, resume) if world.main else Tracker([])  # fails here if a library is missing
     seed_everything(t.seed)
-
-    # Rank 0 first: it fills the caches (tokenized data, a built-in model) the others then read.
     build = build_datasets if t.objective == "sft" else build_preference_datasets
-    tokenizer, (train_set, eval_set, data_summary) = main_first(world, lambda: (
-        tok := load_tokenizer(cfg.model), build(cfg.data, tok, t.seed, cache_root() / "data")))
+    train_set, eval_set, data_summary = main_first(world, lambda: build(cfg.data, tokenizer, t.seed,
+                                                                        cache_root() / "data"))
     if world.main:
         print(data_summary.format())
         atomic_write_json(run_dir / "data_summary.json", data_summary.__dict__)
-
     model, params = build_model(cfg, device, world)
-    if world.main:
-        print(trainable_summary(model))
+    print(trainable_summary(model)) if world.main else None
     # Before any step (and before a resume restores the trained adapter): the reference is the
     # adapter as initialised.
     reference = build_reference(model, init_adapter_dir(cfg.lora)) if t.objective == "dpo" else None
@@ -129,7 +137,7 @@ def setup_run(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> 
     scheduler = build_scheduler(optimizer, t.lr_scheduler, t.warmup_steps, total_steps)
     run = Run(recipe, run_dir, device, model, tokenizer, train_set, eval_set, params, optimizer, scheduler,
               total_steps, autocast_context(device, cfg.model.quantization.compute_dtype), scaler, tracker=tracker,
-              world=world, objective=objective)
+              world=world, objective=objective, resumed=resume)
     if reference is not None:
         main_first(world, lambda: record_reference(run_dir, reference, t.precompute_reference, resume), others=False)
         if t.precompute_reference:
@@ -137,6 +145,7 @@ def setup_run(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> 
     if resume:
         restore_run(run)
     run.state.world_size = world.size
+    record_start(run, accepted) if world.main else None
     world.barrier()
     reset_peak_memory(device)
     return run
@@ -207,20 +216,43 @@ def restore_run(run: Run) -> None:
     apply_schedule(run.scheduler)  # a resume may lengthen the run: its lr follows the new curve
     run.window = LogWindow.from_saved(saved.pop("window", {}))
     run.state = RunState(**dict(saved, world_size=world.size))
+    run.saved_step = run.state.step
     if world.main:
         truncate_metrics(run.run_dir / "metrics.jsonl", run.state.step)
         print(f"resumed from {ckpt} (step {run.state.step} of {run.total_steps})")
 
 
-def prepare_run(cfg: Recipe, run_dir: Path, resume: bool, overwrite: bool, world: World) -> None:
-    """Make or check the run folder, refuse a resume that changes the run, record the recipe."""
+def prepare_run(cfg: Recipe, run_dir: Path, resume: bool | str, overwrite: bool, world: World) -> bool:
+    """Make or check the run folder and refuse a resume that changes the run; return whether it
+    resumes (what `--resume auto` found)."""
+    resume = resolve_resume(run_dir, resume)
     prepare_run_dir(run_dir, resume, overwrite)
     if resume:
         saved = check_resumable(cfg, run_dir / "recipe.yaml")
         if saved is not None:
             check_global_batch(saved_world_size(latest_checkpoint(run_dir)), saved.train.grad_accum, world,
                                cfg.train.grad_accum)
+    return resume
+
+
+def record_run(cfg: Recipe, run_dir: Path, tokenizer, resume: bool, accept_changed_data: bool) -> list[str]:
+    """Check the data against the run's fingerprint on a resume (runs/fingerprint.py), then record
+    the recipe and the data; return the data changes the user accepted."""
+    now = data_fingerprint(cfg.data, tokenizer)
+    accepted = check_data(run_dir, now, accept_changed_data) if resume else []
     save_recipe(cfg, run_dir / "recipe.yaml")
+    write_fingerprint(run_dir, now)  # on an accepted change, the next resume compares with the new data
+    return accepted
+
+
+def record_start(run: Run, accepted: list[str] | None) -> None:
+    """One line in events.jsonl: a fresh start, or a resume from which checkpoint."""
+    fields = {"accepted_changed_data": accepted} if accepted else {}
+    if run.resumed:
+        record_event(run.run_dir, "resume", run.state.step, world_size=run.world.size,
+                     checkpoint=str(latest_checkpoint(run.run_dir)), **fields)
+    else:
+        record_event(run.run_dir, "start", 0, world_size=run.world.size)
 
 
 def seed_everything(seed: int) -> None:

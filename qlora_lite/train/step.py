@@ -17,6 +17,7 @@ from ..errors import QloraError
 from ..ops.attention import BOUNDS_KWARG, sample_bounds
 from ..ops.loss import LABEL_POSITIONS, label_positions
 from .objectives import SFT, detached_sums, scaled_loss, step_metrics
+from .stopping import StepAbandoned
 
 
 class NonFiniteLoss(QloraError):
@@ -73,7 +74,8 @@ def to_device(batch: dict, device: str) -> dict:
 def train_step(model, batches: list[dict], params: list[torch.Tensor], optimizer, *, device: str,
                max_grad_norm: float, loss_chunk_size: int, autocast=None, scaler=None,
                normalizer: dict | None = None, sync: Callable | None = None,
-               phase: Callable[[str], None] = _no_phase, objective=None) -> StepResult:
+               phase: Callable[[str], None] = _no_phase, objective=None,
+               stop: Callable[[], int] | None = None) -> StepResult:
     """Forward and backward every micro-batch, then clip and step the optimizer.
 
     Each loss term is divided by its count over the whole step (SFT: the trained tokens; DPO:
@@ -98,13 +100,19 @@ def train_step(model, batches: list[dict], params: list[torch.Tensor], optimizer
         phase (callable): called with "forward", "backward", "optimizer" as the step
             proceeds (the memory tracker's phases). Default: nothing.
         objective: what the step minimises (objectives.py). Default SFT().
+        stop (callable | None): asked before each micro-batch after the first; a non-zero
+            answer (a stop signal, stopping.StopFlag.poll) drops the step: gradients are zeroed,
+            the optimizer is not stepped, and StepAbandoned is raised. Default None.
     """
     autocast = autocast or contextlib.nullcontext()
     objective = objective or SFT()
     units = normalizer or count_units(objective, batches)
     sums = torch.zeros(len(objective.terms) + len(objective.stats), device=device)  # terms, then stats
     inputs = [to_device(b, device) for b in batches]  # host reads and copies, all before the forwards
-    for batch in inputs:
+    for i, batch in enumerate(inputs):
+        if i and stop is not None and (code := stop()):
+            optimizer.zero_grad(set_to_none=True)
+            raise StepAbandoned(code)
         phase("forward")
         with autocast:
             terms, stats = objective.loss(model, batch, loss_chunk_size)
@@ -116,6 +124,13 @@ def train_step(model, batches: list[dict], params: list[torch.Tensor], optimizer
     phase("optimizer")
     if sync is not None:
         sums = sync(sums)  # NaN on any rank is NaN on every rank: all stop alike
+    return optimizer_step(sums, units, objective, params, optimizer, max_grad_norm, scaler)
+
+
+def optimizer_step(sums: torch.Tensor, units: dict, objective, params, optimizer, max_grad_norm: float,
+                   scaler=None) -> StepResult:
+    """The end of a step, after the backward passes: clip, read the step's one host sync, refuse a
+    NaN/inf loss, step the optimizer and zero the gradients."""
     if scaler is not None:
         scaler.unscale_(optimizer)
     values, grad_norm = read_step(sums, clip_grad_norm(params, max_grad_norm))

@@ -84,8 +84,8 @@ class Tracker:
         if exc_type is None:
             return  # the run goes on to save its adapter and summary, then `finish`
         for b in self.backends:
-            # train.Interrupted (Ctrl-C, checkpoint saved) is a kill, anything else a failure.
-            b.fail("KILLED" if exc_type.__name__ == "Interrupted" else "FAILED")
+            # stopping.Stopped (a signal or train.max_time, checkpoint saved) is a kill, anything else a failure.
+            b.fail("KILLED" if exc_type.__name__ == "Stopped" else "FAILED")
         self.backends = []
 
 

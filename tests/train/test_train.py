@@ -17,8 +17,9 @@ from conftest import losses, make_recipe
 from qlora_lite.errors import QloraError
 from qlora_lite.recipe import recipe_from_dict
 from qlora_lite.runs.checkpoint import checkpoint_dirs
-from qlora_lite.train.loop import InterruptFlag, train
+from qlora_lite.train.loop import train
 from qlora_lite.train.step import NonFiniteLoss
+from qlora_lite.train.stopping import StopFlag
 
 pytestmark = pytest.mark.slow  # whole training runs: `make test` only, not `make test-fast`
 
@@ -113,13 +114,13 @@ class CtrlCDuringTheAllReduce:
     """A world whose all-reduce is where Ctrl-C lands: the signal reaches this process while the
     call runs, as it does when ranks wait for each other in the collective."""
 
-    def any(self, flag: bool) -> bool:
+    def max(self, value: int) -> int:
         os.kill(os.getpid(), signal.SIGINT)  # the handler runs before this returns
-        return flag
+        return value
 
 
 def test_a_ctrl_c_that_lands_in_the_all_reduce_is_kept_for_the_next_step():
-    with InterruptFlag() as interrupt:
+    with StopFlag() as interrupt:
         world = CtrlCDuringTheAllReduce()
         assert not interrupt.agreed(world)  # the ranks agreed before this Ctrl-C...
         assert interrupt.requested  # ...and it is not erased by their answer
