@@ -145,6 +145,49 @@ def test_ctrl_c_on_the_launcher_saves_one_checkpoint_and_exits_130(data_file, tm
     assert state["batch_in_epoch"] == 2 * state["step"]  # both ranks stopped after the same step
 
 
+def rank_pids(launcher) -> list[int]:
+    """The rank processes under `qlora-lite run --nproc` (launcher -> torchrun -> ranks)."""
+    torchrun = subprocess.run(["pgrep", "-P", str(launcher.pid)], capture_output=True, text=True).stdout.split()
+    return [int(r) for r in subprocess.run(["pgrep", "-P", torchrun[0]], capture_output=True, text=True).stdout.split()]
+
+
+def test_sigterm_to_one_rank_stops_both_at_the_same_step_with_one_checkpoint_that_resumes_exactly(data_file, tmp_path):
+    # Dropout on and two micro-batches per rank and step: the ranks agree between micro-batches,
+    # and each rank's RNG must be that of the last finished step.
+    kw = dict(max_steps=8, grad_accum=2, save_every=0)
+    p = launch(tmp_path, small(data_file, tmp_path / "b", **kw), "--resume", "auto", wait=False)
+    for line in p.stdout:
+        if line.startswith("step") and int(line.split()[1]) >= 2:
+            break
+    ranks = rank_pids(p)
+    assert len(ranks) == 2, ranks
+    os.kill(ranks[-1], signal.SIGTERM)  # one rank only, as a node's kubelet or a SLURM step might
+    out = p.communicate(timeout=180)[0]
+    assert p.returncode != 0 and "preempted by SIGTERM at step" in out, out
+    [kept] = checkpoint_dirs(tmp_path / "b")
+    state = json.loads((kept / "trainer_state.json").read_text())
+    assert state["world_size"] == 2 and 2 <= state["step"] < 8
+    assert state["batch_in_epoch"] == 2 * 2 * state["step"]  # both ranks stopped after the same step
+    code, out = launch(tmp_path, small(data_file, tmp_path / "b", **kw), "--resume", "auto")
+    assert code == 0 and f"resumed from {kept}" in out, out
+    code, out = launch(tmp_path, small(data_file, tmp_path / "a", **kw))
+    assert code == 0, out
+    assert_same_run(tmp_path / "a", tmp_path / "b", steps=list(range(1, 9)))
+
+
+def test_sigusr1_to_the_launcher_reaches_every_rank_and_it_exits_138_with_one_checkpoint(data_file, tmp_path):
+    p = launch(tmp_path, small(data_file, tmp_path / "r", max_steps=400, save_every=0), wait=False)
+    for line in p.stdout:
+        if line.startswith("step") and "loss" in line:
+            p.send_signal(signal.SIGUSR1)  # SLURM's --signal=USR1@90 on `srun qlora-lite run --nproc 2`
+            break
+    out = p.communicate(timeout=180)[0]
+    assert p.returncode == 138 and "preempted by SIGTERM at step" in out, out  # torchrun passes it on as TERM
+    [kept] = checkpoint_dirs(tmp_path / "r")
+    state = json.loads((kept / "trainer_state.json").read_text())
+    assert state["world_size"] == 2 and state["batch_in_epoch"] == 2 * state["step"]
+
+
 def test_a_non_finite_loss_stops_every_rank_with_one_error(data_file, tmp_path):
     recipe = small(data_file, tmp_path / "r", max_steps=30, lr=1e30, warmup_steps=0, save_every=1,
                    max_grad_norm=0.0, optimizer="adamw")
@@ -290,10 +333,9 @@ def test_a_killed_rank_makes_the_others_exit_instead_of_hanging(data_file, tmp_p
     for line in p.stdout:
         if line.startswith("step") and "loss" in line:
             break
-    torchrun = subprocess.run(["pgrep", "-P", str(p.pid)], capture_output=True, text=True).stdout.split()
-    ranks = subprocess.run(["pgrep", "-P", torchrun[0]], capture_output=True, text=True).stdout.split()
+    ranks = rank_pids(p)
     assert len(ranks) == 2, ranks
-    os.kill(int(ranks[-1]), signal.SIGKILL)
+    os.kill(ranks[-1], signal.SIGKILL)
     out = p.communicate(timeout=120)[0]  # never a hang: torchrun or gloo ends the survivor
     assert p.returncode not in (0, 130), out
     assert not (tmp_path / "r/adapter").exists()
