@@ -8,10 +8,10 @@ import json
 import pytest
 
 from qlora_lite.errors import QloraError
+from qlora_lite.recipe import DataConfig
 from qlora_lite.runs.events import read_events, record_event
 from qlora_lite.runs.fingerprint import check_data, data_changes, data_fingerprint, write_fingerprint
 from qlora_lite.runs.folder import resolve_resume
-from qlora_lite.recipe import DataConfig
 
 
 class Tokenizer:
