@@ -176,7 +176,7 @@ def rng_snapshot() -> dict:
     the generators' states (CUDA's is its seed and offset), no GPU value read."""
     snap = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        snap["cuda"] = torch.cuda.get_rng_state_all()
+        snap["cuda"] = torch.cuda.get_rng_state()  # this rank's device: the one its dropout draws from
     return snap
 
 
@@ -184,4 +184,4 @@ def restore_rng(snap: dict) -> None:
     torch.set_rng_state(snap["torch"])
     random.setstate(snap["python"])
     if "cuda" in snap:
-        torch.cuda.set_rng_state_all(snap["cuda"])
+        torch.cuda.set_rng_state(snap["cuda"])

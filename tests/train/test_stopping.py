@@ -72,3 +72,33 @@ def test_a_signal_on_any_rank_wins_over_rank_0s_clock():
     assert flag.agreed(TwoRanks(0), time_up=True) == TIME_LIMIT and flag.code == 0
     assert flag.agreed(TwoRanks(signal.SIGTERM), time_up=True) == signal.SIGTERM
     assert flag.code == signal.SIGTERM  # the other rank's signal is this rank's now
+
+
+@pytest.mark.parametrize("args,resume", [([], False), (["--resume"], True), (["--resume", "auto"], "auto"),
+                                         (["--resume", "--set", "train.max_steps=3"], True)])
+def test_run_takes_bare_resume_and_resume_auto(tmp_path, monkeypatch, args, resume):
+    from click.testing import CliRunner
+
+    from qlora_lite import cli
+    from qlora_lite.train import loop
+
+    got = {}
+    monkeypatch.setattr(loop, "run_recipe", lambda cfg, **kw: got.update(kw) or 0)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: {name_or_path: qlora-lite:tiny-llama}\ndata: {path: rows.jsonl}\n")
+    r = CliRunner().invoke(cli.main, ["run", str(recipe), *args])
+    assert r.exit_code == 0, r.output
+    assert got["resume"] == resume and got["recipe_path"] == str(recipe) and got["accept_changed_data"] is False
+
+
+def test_accept_changed_data_is_refused_without_resume(tmp_path):
+    from click.testing import CliRunner
+
+    from qlora_lite import cli
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: {name_or_path: qlora-lite:tiny-llama}\ndata: {path: rows.jsonl}\n")
+    r = CliRunner().invoke(cli.main, ["run", str(recipe), "--accept-changed-data"])
+    assert r.exit_code == 2 and "--accept-changed-data applies only with --resume" in r.output
+    r = CliRunner().invoke(cli.main, ["run", str(recipe), "--resume", "newest"])
+    assert r.exit_code == 2 and "'newest' is not one of 'latest', 'auto'" in r.output
