@@ -20,11 +20,10 @@ from ..data.sources import local_identity
 from ..data.templates import resolve_template
 from ..errors import QloraError
 from ..utils.atomic import atomic_write_json
-from ..utils.readers import read_json
+from ..utils.readers import file_sha256, read_json
 
 FINGERPRINT_NAME = "data_fingerprint.json"
 ACCEPT_FLAG = "--accept-changed-data"
-HASH_CHUNK = 1 << 20  # bytes read at a time: a data file of gigabytes is never held in memory
 
 
 def data_fingerprint(data_cfg, tokenizer) -> dict:
@@ -47,11 +46,7 @@ def file_fingerprint(role: str, path: str, split: str = "train") -> dict:
     ident = local_identity(path)
     if ident is None:
         return {"role": role, "hub": path, "split": split}
-    h = hashlib.sha256()
-    with open(ident["path"], "rb") as f:
-        while chunk := f.read(HASH_CHUNK):
-            h.update(chunk)
-    return {"role": role, "path": ident["path"], "size": ident["size"], "sha256": h.hexdigest()}
+    return {"role": role, "path": ident["path"], "size": ident["size"], "sha256": file_sha256(ident["path"])}
 
 
 def write_fingerprint(run_dir: str | Path, fingerprint: dict) -> None:
