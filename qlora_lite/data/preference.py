@@ -34,12 +34,12 @@ from dataclasses import dataclass
 from functools import partial
 
 from ..errors import QloraError
+from .cache import load_train_eval
 from .dataset import (
     IGNORE_INDEX,
     check_format,
     detect_format,
     eos_token,
-    load_train_eval,
     normalize_turns,
     render_messages,
     tokenize_rendered,

@@ -15,7 +15,7 @@ import hashlib
 import sys
 from pathlib import Path
 
-from ..data.dataset import tokenizer_fingerprint
+from ..data.cache import tokenizer_fingerprint
 from ..data.sources import local_identity
 from ..data.templates import resolve_template
 from ..errors import QloraError
