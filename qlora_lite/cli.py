@@ -102,13 +102,15 @@ def export(source, out, dtype, base, max_shard_size, verify, model, overwrite, d
                         device=device)
     click.echo(f"exported {info['merged_modules']} merged modules, {info['shards']} shard(s), "
                f"{info['total_bytes'] / 1e9:.3f} GB to {out} in {info['seconds']} s")
-    v = info.get("verify")
-    if v:
-        click.echo(f"verify: max |logit diff| {v['max_abs_logit_diff']:.4g}, mean {v['mean_abs_logit_diff']:.4g} "
-                   f"(logits up to {v['max_abs_logit']:.4g}), "
-                   f"argmax agreement {v['argmax_agreement']:.3f}, greedy tokens agree: {v['greedy_agree']}")
     if info.get("gguf"):
         click.echo(f"wrote {out}/{info['gguf']['file']} and {out}/Modelfile")
+    v = info.get("verify")
+    if v:
+        from .export.verify import verify_report
+
+        click.echo(verify_report(v))
+        if not v["passed"]:
+            sys.exit(1)
 
 
 @main.command()

@@ -19,6 +19,7 @@ from .lora.files import load_adapter
 from .model.loader import disable_cpu_weight_packing, load_model, load_tokenizer, pick_device, resolve_model_path
 from .recipe import ModelConfig
 from .runs.folder import is_adapter_folder, is_run_folder, resolve_source
+from .utils.libraries import quiet_progress_bars
 
 DEFAULT_MAX_NEW_TOKENS = 128
 EXIT_COMMAND = "/exit"
@@ -58,6 +59,7 @@ def load_for_generation(path: str, adapter: str | None = None, device: str = "au
     else:
         from transformers import AutoModelForCausalLM
 
+        quiet_progress_bars()
         try:
             model = AutoModelForCausalLM.from_pretrained(resolve_model_path(path), dtype="auto", use_safetensors=True,
                                                          use_kernels=False)

@@ -112,7 +112,7 @@ class LoraConfig:
         rslora (bool): rank-stabilised scale alpha / sqrt(r). Default False.
         dtype (str): adapter parameter dtype, "bfloat16" or "float32" (PEFT's default: keeps
             tiny late-schedule updates that bf16 rounds away, at 2x the adapter memory).
-            Recorded in adapter_config.json, so generate and export --verify load the adapter
+            Recorded in the adapter's qlora_lite.json, so generate and export --verify load the adapter
             in it; `estimate --set lora.dtype=float32` counts it. Default "bfloat16".
         use_dora (bool): DoRA: a trainable magnitude per output row on top of the LoRA
             direction (QDoRA on a 4-bit base; lora/dora.py). Default False.

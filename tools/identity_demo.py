@@ -89,6 +89,7 @@ def print_table(qs, before, after, exported, summary: dict) -> None:
 
 def main() -> int:
     from qlora_lite.export.merge import export_model
+    from qlora_lite.export.verify import verify_report
     from qlora_lite.recipe import load_recipe
     from qlora_lite.train.loop import run_recipe
 
@@ -105,8 +106,7 @@ def main() -> int:
     after = folder_answers(run_dir, qs)
     info = export_model(run_dir, args.export, verify=True, overwrite=True, log=lambda m: print(m, file=sys.stderr))
     v = info["verify"]
-    print(f"export --verify: max |logit diff| {v['max_abs_logit_diff']:.4g}, argmax agreement "
-          f"{v['argmax_agreement']:.3f}, greedy tokens agree: {v['greedy_agree']}")
+    print(f"export --{verify_report(v)}")
     exported = folder_answers(args.export, qs)
     print_table(qs, before, after, exported, json.loads((Path(run_dir) / "summary.json").read_text()))
     results = checks(qs, after, exported)

@@ -61,6 +61,7 @@ def print_table(qs, sft, dpo, exported, demo: dict) -> None:
 
 def main() -> int:
     from qlora_lite.export.merge import export_model
+    from qlora_lite.export.verify import verify_report
     from qlora_lite.recipe import load_recipe
     from qlora_lite.train.loop import run_recipe
 
@@ -80,8 +81,7 @@ def main() -> int:
     info = export_model(dpo.output.dir, args.export, verify=True, overwrite=True,
                         log=lambda m: print(m, file=sys.stderr))
     v = info["verify"]
-    print(f"export --verify: max |logit diff| {v['max_abs_logit_diff']:.4g}, argmax agreement "
-          f"{v['argmax_agreement']:.3f}, greedy tokens agree: {v['greedy_agree']}")
+    print(f"export --{verify_report(v)}")
     answers = [folder_answers(path, qs) for path in (sft.output.dir, dpo.output.dir, args.export)]
     demo = json.loads((Path(dpo.output.dir) / "summary.json").read_text())["demo"]
     print_table(qs, *answers, demo)

@@ -31,7 +31,7 @@ from ..utils.atomic import atomic_dir, atomic_write_json, atomic_write_text, req
 from ..utils.dtypes import SHORT_NAMES, torch_dtype
 from ..utils.units import parse_size
 from . import gguf as gguf_export
-from .verify import verify_export
+from .verify import verify_export, verify_report
 
 EXPORT_DTYPES = tuple(SHORT_NAMES)  # "bf16", "fp16", "fp32"
 BASES = ("dequantized", "original")
@@ -370,10 +370,7 @@ def export_card(info: dict) -> str:
     ]
     v = info.get("verify")
     if v:
-        lines += ["", "## Verify (export vs 4-bit base + adapter)", "",
-                  f"- max |logit diff|: {v['max_abs_logit_diff']:.4g}, mean: {v['mean_abs_logit_diff']:.4g} "
-                  f"(logits up to {v['max_abs_logit']:.4g})",
-                  f"- argmax agreement: {v['argmax_agreement']:.3f}; greedy tokens agree: {v['greedy_agree']}"]
+        lines += ["", "## Verify (export vs 4-bit base + adapter)", "", verify_report(v)]
     g = info.get("gguf")
     if g:
         lines += ["", f"GGUF ({g['type']}, llama.cpp's converter): `{g['file']}`, {g['bytes'] / 1e6:.1f} MB; "

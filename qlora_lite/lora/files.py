@@ -1,8 +1,12 @@
-"""Adapter files in PEFT's format: `adapter_model.safetensors` + `adapter_config.json`.
+"""Adapter files in PEFT's format: `adapter_model.safetensors` + `adapter_config.json`, and our
+own settings beside them in `qlora_lite.json`.
 
 Keys are `base_model.model.<module path>.lora_A.weight` (and `lora_B`, and DoRA's
 `lora_magnitude_vector`), as PEFT saves them, so `peft.PeftModel.from_pretrained` loads ours
-and we load PEFT's.
+and we load PEFT's. adapter_config.json holds PEFT's `LoraConfig` fields only: a field PEFT does
+not know makes it warn that the adapter comes from a newer PEFT and to upgrade, which is wrong
+advice. Adapters written before the sidecar carry our settings under a `qlora_lite` key in
+adapter_config.json; they are still read.
 """
 
 from __future__ import annotations
@@ -23,12 +27,12 @@ from .layer import LoRALinear, attach_lora, lora_modules, lora_state_dict
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
+SIDECAR_NAME = "qlora_lite.json"  # our settings of the adapter (its dtype), which PEFT has no field for
 PEFT_PREFIX = "base_model.model."
 _KEY = re.compile(r"^base_model\.model\.(.+)\.(lora_[AB])(?:\.default)?\.weight$")
 # DoRA's magnitude: PEFT saves `<module>.lora_magnitude_vector` (in memory `.default.weight`).
 _MAGNITUDE_KEY = re.compile(r"^base_model\.model\.(.+)\.(lora_magnitude_vector)(?:\.default\.weight)?$")
-# Our own adapter_config.json fields, under one key: PEFT ignores it (with a warning that it
-# comes from a newer version) and loads the adapter as usual.
+# Where adapters written before SIDECAR_NAME keep our settings inside adapter_config.json.
 OWN_KEY = "qlora_lite"
 # safetensors dtype tags of adapters PEFT wrote without OWN_KEY (PEFT trains fp32 adapters).
 _STORED_DTYPES = {"BF16": "bfloat16", "F32": "float32"}
@@ -36,15 +40,13 @@ ADAPTER_FIX = ("copy the adapter folder again from where it came from, or use th
                "run's checkpoints (checkpoints/step-N/adapter)")
 
 
-def adapter_config_dict(cfg: LoraConfig, targets: list[str], base_model_name_or_path: str,
-                        lora_dtype: str | None = None) -> dict:
-    """The adapter_config.json fields PEFT reads for a plain LoRA adapter, plus the adapter dtype.
+def adapter_config_dict(cfg: LoraConfig, targets: list[str], base_model_name_or_path: str) -> dict:
+    """The adapter_config.json fields PEFT reads for a plain LoRA adapter (PEFT's own fields only).
 
     Args:
         cfg (LoraConfig): the adapter hyperparameters.
         targets (list[str]): adapted module paths.
         base_model_name_or_path (str): recorded for loaders.
-        lora_dtype (str | None): the saved tensors' dtype name; default cfg.dtype.
     """
     suffixes = sorted({t.rsplit(".", 1)[-1] for t in targets})
     return {
@@ -67,7 +69,6 @@ def adapter_config_dict(cfg: LoraConfig, targets: list[str], base_model_name_or_
         "alpha_pattern": {},
         "use_dora": cfg.use_dora,
         "revision": None,
-        OWN_KEY: {"lora_dtype": lora_dtype or cfg.dtype},
     }
 
 
@@ -91,9 +92,15 @@ def save_adapter(model, out_dir: str | Path, cfg: LoraConfig, base_model_name_or
     blob = save(tensors, metadata={"format": "pt"})
     atomic_write_bytes(out / WEIGHTS_NAME, blob)
     dtype = dtype_name(next(iter(tensors.values())).dtype)
-    atomic_write_json(out / CONFIG_NAME,
-                      adapter_config_dict(cfg, list(lora_modules(model)), base_model_name_or_path, dtype))
+    atomic_write_json(out / CONFIG_NAME, adapter_config_dict(cfg, list(lora_modules(model)), base_model_name_or_path))
+    atomic_write_json(out / SIDECAR_NAME, {"lora_dtype": dtype})
     return len(blob)
+
+
+def read_own_settings(adapter_dir: Path, raw: dict, fix: str = ADAPTER_FIX) -> dict:
+    """Our settings of an adapter: qlora_lite.json, else the `qlora_lite` key of older adapter configs, else {}."""
+    path = adapter_dir / SIDECAR_NAME
+    return read_json(path, fix) if path.is_file() else raw.get(OWN_KEY) or {}
 
 
 def read_adapter_config(adapter_dir: str | Path, fix: str = ADAPTER_FIX) -> tuple[LoraConfig, dict]:
@@ -116,7 +123,7 @@ def read_adapter_config(adapter_dir: str | Path, fix: str = ADAPTER_FIX) -> tupl
     if raw.get("rank_pattern") or raw.get("alpha_pattern"):
         raise QloraError(f"{str(path)!r}: per-module rank_pattern/alpha_pattern are not supported.")
     tm = raw.get("target_modules") or "all-linear"
-    dtype = (raw.get(OWN_KEY) or {}).get("lora_dtype") or _stored_dtype(d)
+    dtype = read_own_settings(d, raw, fix).get("lora_dtype") or _stored_dtype(d)
     try:
         cfg = LoraConfig(r=int(raw["r"]), alpha=float(raw["lora_alpha"]),
                          dropout=float(raw.get("lora_dropout") or 0.0),

@@ -19,6 +19,7 @@ from ..utils import env
 from ..utils.atomic import atomic_dir
 from ..utils.dtypes import torch_dtype
 from ..utils.host_memory import copy_mapped_weights
+from ..utils.libraries import quiet_progress_bars
 from . import tiny
 
 TINY_PREFIX = "qlora-lite:"
@@ -101,6 +102,7 @@ def load_model(cfg: ModelConfig, device: str = "cpu"):
 
     path = resolve_model_path(cfg.name_or_path)
     q = cfg.quantization
+    quiet_progress_bars()  # no "Loading weights" bar inside our own log
     quant = bnb_config(q)  # blocksize 64, the only one recipe.BLOCKSIZES accepts
     try:
         model = AutoModelForCausalLM.from_pretrained(

@@ -17,6 +17,7 @@ import qlora_lite.export.merge as export_mod
 from qlora_lite.cli import main
 from qlora_lite.errors import QloraError
 from qlora_lite.export.merge import export_model, plan_shards
+from qlora_lite.export.verify import verify_report
 from qlora_lite.lora.files import save_adapter
 from qlora_lite.lora.layer import attach_lora, lora_modules
 from qlora_lite.model.loader import load_model
@@ -259,7 +260,24 @@ def test_cli_export_with_verify(run_llama, tmp_path):
     res = CliRunner().invoke(main, ["export", run_llama, "--out", str(tmp_path / "out"), "--dtype", "fp32",
                                     "--verify", "--max-shard-size", "100KB"])
     assert res.exit_code == 0, res.output
-    assert "verify: max |logit diff|" in res.output and "greedy tokens agree: True" in res.output
+    assert "verify passed: the export against the 4-bit base + adapter on 3 prompts" in res.output
+    assert "same 8 greedy tokens on 3 of 3 prompts" in res.output and "FAILED" not in res.output
     assert "## Verify" in (tmp_path / "out" / "EXPORT.md").read_text()
     res = CliRunner().invoke(main, ["export", run_llama, "--out", str(tmp_path / "out")])
     assert res.exit_code == 2 and "already exists" in res.output
+
+
+VERIFIED = {"max_abs_logit_diff": 0.34, "mean_abs_logit_diff": 0.026, "max_abs_logit": 15.5, "argmax_agreement": 0.979,
+            "greedy_same": 2, "prompts": 3, "new_tokens": 8}
+
+
+def test_a_verify_with_a_diverging_greedy_path_reads_as_passed_and_says_why():
+    line = verify_report(dict(VERIFIED, passed=True))
+    assert line.startswith("verify passed: the export against the 4-bit base + adapter on 3 prompts")
+    assert "argmax agrees at 97.9% of positions (pass: at least 90%)" in line
+    assert "same 8 greedy tokens on 2 of 3 prompts" in line and "not a failure" in line
+
+
+def test_a_verify_below_the_argmax_mark_reads_as_failed():
+    line = verify_report(dict(VERIFIED, argmax_agreement=0.4, passed=False))
+    assert line.startswith("verify FAILED") and "40.0%" in line

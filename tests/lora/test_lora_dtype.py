@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import shutil
+import warnings
 from pathlib import Path
 
 import pytest
@@ -13,7 +15,7 @@ import qlora_lite.export.verify as verify_mod
 from qlora_lite.data.demo_rows import demo_rows
 from qlora_lite.export.merge import export_model
 from qlora_lite.generate import generate_text, load_for_generation
-from qlora_lite.lora.files import load_adapter
+from qlora_lite.lora.files import load_adapter, read_adapter_config
 from qlora_lite.lora.layer import lora_parameters
 from qlora_lite.memory.estimate import persistent
 from qlora_lite.memory.estimate_inputs import load_arch, settings_from_recipe
@@ -42,9 +44,9 @@ def fp32_run(tmp_path_factory):
     return root / "run"
 
 
-def test_adapter_config_records_the_dtype_and_tensors_are_fp32(fp32_run):
-    raw = json.loads((fp32_run / "adapter/adapter_config.json").read_text())
-    assert raw["qlora_lite"] == {"lora_dtype": "float32"}
+def test_the_sidecar_records_the_dtype_and_tensors_are_fp32(fp32_run):
+    assert json.loads((fp32_run / "adapter/qlora_lite.json").read_text()) == {"lora_dtype": "float32"}
+    assert "qlora_lite" not in json.loads((fp32_run / "adapter/adapter_config.json").read_text())
     tensors = load_file(fp32_run / "adapter/adapter_model.safetensors")
     assert {t.dtype for t in tensors.values()} == {torch.float32}
     assert any(k.endswith("lora_B.weight") and t.abs().sum() > 0 for k, t in tensors.items())  # it trained
@@ -87,13 +89,25 @@ def test_estimate_reads_fp32_from_the_run_recipe(fp32_run):
     assert p["lora_params"] == p["gradients"] == sum(t.numel() * 4 for t in saved.values())
 
 
-def test_peft_loads_the_fp32_adapter_with_our_extra_key(fp32_run):
+def test_peft_loads_the_fp32_adapter_without_any_warning(fp32_run):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     base = AutoModelForCausalLM.from_pretrained(resolve_model_path("qlora-lite:tiny-llama"), dtype=torch.float32)
-    with pytest.warns(UserWarning, match="qlora_lite"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # PEFT reports unknown adapter_config.json fields as a warning
         peft_model = PeftModel.from_pretrained(base, str(fp32_run / "adapter"))
     saved = load_file(fp32_run / "adapter/adapter_model.safetensors")
     state = {k.replace(".default", ""): v for k, v in peft_model.state_dict().items()}
     assert all(torch.equal(state[k], t) for k, t in saved.items())
+
+
+def test_an_adapter_from_before_the_sidecar_still_loads_in_its_recorded_dtype(fp32_run, tmp_path):
+    # Older qlora-lite wrote {"qlora_lite": {"lora_dtype": ...}} into adapter_config.json itself.
+    old = tmp_path / "old-adapter"
+    shutil.copytree(fp32_run / "adapter", old)
+    (old / "qlora_lite.json").unlink()
+    raw = json.loads((old / "adapter_config.json").read_text())
+    (old / "adapter_config.json").write_text(json.dumps(dict(raw, qlora_lite={"lora_dtype": "bfloat16"})))
+    cfg, _ = read_adapter_config(old)
+    assert cfg.dtype == "bfloat16"  # the old record, not the fp32 tensors' own dtype
