@@ -25,6 +25,7 @@ from ..lora.layer import merged_weight
 from ..model.loader import load_model, pick_device, resolve_model_path
 from ..model.quant import dequantized, is_4bit, logical_shape
 from ..recipe import LoraConfig, ModelConfig
+from ..runs.card import export_card_for, write_card
 from ..runs.folder import RunSource, resolve_source
 from ..runs.lock import owning_run, run_lock
 from ..utils.atomic import atomic_dir, atomic_write_json, atomic_write_text, require_space, write_safetensors
@@ -231,6 +232,7 @@ def _export_locked(source, out, dtype, base, max_shard_size, model, verify, over
             if gguf:
                 info["gguf"] = gguf_export.write_gguf(tmp, gguf, log)
             atomic_write_text(tmp / "EXPORT.md", export_card(info))
+            write_card(tmp, export_card_for(src, lora_cfg, info["gguf"]["file"] if gguf else None))
     return info
 
 

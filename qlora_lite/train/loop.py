@@ -20,6 +20,7 @@ from ..lora.layer import trainable_summary
 from ..parallel.distributed import close_world, merge_peaks, peer_lost, step_sync, world_is_main
 from ..recipe import Recipe
 from ..runs.events import record_event
+from ..runs.card import adapter_card, write_card
 from ..runs.lock import run_lock
 from ..utils.atomic import atomic_dir, atomic_write_json
 from .batches import MicroBatch, mask_dtype, micro_batches
@@ -258,6 +259,7 @@ def finish(run: Run, extra: dict | None = None) -> dict:
     if run.world.main:
         atomic_write_json(run.run_dir / "summary.json", summary)
         record_event(run.run_dir, "finish", run.state.step, world_size=run.world.size)
+        write_card(run.run_dir / "adapter", adapter_card(cfg, run.run_dir))  # README.md for `hf upload`
         run.tracker.finish(summary)
     run.world.barrier()
     return summary

@@ -54,6 +54,8 @@ def test_summary_and_metrics_files(data_file, tmp_path):
     assert "eval_perplexity" in recs[-1]
     assert (tmp_path / "r/recipe.yaml").is_file() and (tmp_path / "r/data_summary.json").is_file()
     assert not checkpoint_dirs(tmp_path / "r")
+    card = (tmp_path / "r/adapter/README.md").read_text()
+    assert "base_model: qlora-lite:tiny-llama" in card and "4 steps" in card
 
 
 def test_a_second_run_into_the_same_folder_is_refused(data_file, tmp_path):
