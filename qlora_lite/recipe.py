@@ -246,6 +246,13 @@ class TrainConfig:
             Default "sigmoid".
         precompute_reference (bool): DPO: compute the reference log-probs of every pair once
             before training (kept in the run folder), so a step runs the policy only. Default False.
+        sample_prompts (list[str] | int): prompts answered with the adapter on before training
+            and at every eval (train/samples.py): a list of prompts, or N for the first N eval
+            rows' prompts. Default [] (none).
+        sample_max_new_tokens (int): most tokens per sample answer, which bounds the time
+            sampling adds to an eval. Default 64.
+        sample_temperature (float): 0 answers greedily; > 0 samples (seeded by train.seed).
+            Default 0.0.
     """
 
     seed: int = 42
@@ -274,6 +281,9 @@ class TrainConfig:
     label_smoothing: float = 0.0
     loss_type: str = "sigmoid"
     precompute_reference: bool = False
+    sample_prompts: Any = field(default_factory=list)
+    sample_max_new_tokens: int = 64
+    sample_temperature: float = 0.0
 
     @property
     def max_time_s(self) -> float | None:
@@ -328,6 +338,18 @@ class TrainConfig:
                     raise RecipeError(f"train.{name} is a DPO setting; set train.objective: dpo or remove it.")
         elif self.loss_type == "ipo" and self.label_smoothing:
             raise RecipeError("train.label_smoothing applies to the sigmoid loss; remove it for train.loss_type: ipo.")
+        self._check_samples()
+
+    def _check_samples(self):
+        p = self.sample_prompts
+        if p is None:
+            self.sample_prompts = []
+        elif isinstance(p, bool) or not (isinstance(p, int) and p >= 0 or
+                                         isinstance(p, list) and all(isinstance(x, str) and x.strip() for x in p)):
+            raise RecipeError(f"train.sample_prompts must be a list of non-empty prompts or a number of eval rows "
+                              f"(e.g. 3), got {p!r}.")
+        _check_positive("train.sample_max_new_tokens", self.sample_max_new_tokens)
+        _check_nonnegative("train.sample_temperature", self.sample_temperature)
 
 
 # The allowed values of train.optimizer (train/optim.py builds each), train.report_to

@@ -106,6 +106,7 @@ RESUMABLE_CHANGES = {"train.max_steps", "train.epochs", "train.log_every", "trai
                      "data.path", "data.eval_path",
                      "train.max_time",  # each job of a requeued run has its own allocation
                      "train.report_to",  # trackers: one added on resume starts its own run there
+                     "train.sample_prompts", "train.sample_max_new_tokens", "train.sample_temperature",
                      # Another world size: grad_accum may change with it as long as the global
                      # batch stays (distributed.check_global_batch).
                      "train.grad_accum"}
@@ -158,6 +159,7 @@ def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool = False) -> Non
                          "--overwrite to replace it, or --set output.dir=runs/new to start another.")
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+    (run_dir / "samples.jsonl").unlink(missing_ok=True)
 
 
 def check_resumable(cfg: Recipe, saved_path: Path) -> Recipe | None:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from ..data.dataset import IGNORE_INDEX
 from ..generate import generate_ids, stop_ids
+from .samples import eval_prompt_ids
 
 DEMO_NEW_TOKENS = 24  # enough for the demo's one-line answers
 
@@ -19,9 +19,7 @@ def demo_snapshot(model, tokenizer, samples, evaluate) -> dict:
         samples (list[dict]): tokenized eval samples; the first one's prompt is answered.
         evaluate (callable): () -> eval metrics ({"loss", ...}: evaluate.evaluate).
     """
-    sample = samples[0]["chosen"] if "chosen" in samples[0] else samples[0]  # a pair: its prompt
-    first_trained = next(i for i, label in enumerate(sample["labels"]) if label != IGNORE_INDEX)
-    prompt = sample["input_ids"][:first_trained]
+    prompt = eval_prompt_ids(samples[0])
     new = generate_ids(model, torch.tensor([prompt]), max_new_tokens=DEMO_NEW_TOKENS,
                        eos_token_id=stop_ids(model, tokenizer), pad_token_id=tokenizer.pad_token_id)
     metrics = evaluate()

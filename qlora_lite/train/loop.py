@@ -2,7 +2,8 @@
 writes the adapter and summary.
 
 The loop in `fit` reads top to bottom: micro-batches, one optimizer step (step.train_step),
-log, eval, checkpoint. Everything else lives in its own module.
+log, eval (with the sample answers, train/samples.py), checkpoint. Everything else lives in its
+own module.
 """
 
 from __future__ import annotations
@@ -24,8 +25,10 @@ from ..runs.card import adapter_card, write_card
 from ..runs.lock import run_lock
 from ..utils.atomic import atomic_dir, atomic_write_json
 from .batches import MicroBatch, mask_dtype, micro_batches
-from .metrics import LogWindow, MetricsLog, format_summary, last_logged_loss, log_record, peak_memory, perplexity
+from .metrics import (LogWindow, MetricsLog, format_summary, last_logged_loss, log_record, logged_seconds, peak_memory,
+                      perplexity)
 from .parallel_run import adapter_state
+from .samples import Sampler
 from .setup import Run, setup_run
 from .step import NonFiniteLoss, train_step
 from .stopping import (
@@ -127,9 +130,12 @@ def fit(run: Run, flag: StopFlag | None = None, budget: TimeBudget | None = None
     bar = tqdm(total=run.total_steps, initial=state.step, desc="train", unit="step", dynamic_ncols=True,
                disable=None if world.main else True)
     log.write = bar.write if world.main else _quiet
+    sampler = Sampler(run, log.write, world.main)  # train.sample_prompts; nothing to do without them
     run.model.train()
     with bar, run.tracker:
         try:
+            if state.step == 0:
+                eval_point(run, log, sampler, with_eval=False)  # the base's own answers
             while state.step < run.total_steps:
                 # All ranks stop at the same step; rank 0's clock decides train.max_time.
                 if code := flag.agreed(world, time_up=world.main and budget.up()):
@@ -149,16 +155,31 @@ def fit(run: Run, flag: StopFlag | None = None, budget: TimeBudget | None = None
                     log.train(merge_peaks(world, log_record(state, run.window, run.scheduler.get_last_lr()[0],
                                                             result.grad_norm, run.device)))
                     run.window = LogWindow()
-                if run.eval_set and t.eval_every and state.step % t.eval_every == 0 and state.step != run.total_steps:
-                    run.last_eval = log.eval(state.step, run.evaluate())
-                    run.model.train()
+                if t.eval_every and state.step % t.eval_every == 0 and state.step != run.total_steps:
+                    eval_point(run, log, sampler)
                 if t.save_every and state.step % t.save_every == 0:
                     timed_save(run, budget)
                 budget.note_step(time.perf_counter() - t0)
-            if run.eval_set:
-                run.last_eval = log.eval(state.step, run.evaluate())
+            eval_point(run, log, sampler)
         finally:
             log.close()
+            sampler.close()
+
+
+def eval_point(run: Run, log: MetricsLog, sampler: Sampler, with_eval: bool = True) -> None:
+    """The eval loss (when there is an eval split) and the sample answers at this step, each timed
+    and logged apart from the training steps' tokens/s."""
+    seconds = {}
+    metrics = None
+    if with_eval and run.eval_set:
+        t0 = time.perf_counter()
+        metrics = run.evaluate()
+        seconds["eval_seconds"] = time.perf_counter() - t0
+    if sampler.prompts:
+        seconds["sample_seconds"] = sampler(run.state.step)
+    if seconds:
+        run.last_eval = log.eval(run.state.step, metrics, seconds) or run.last_eval
+    run.model.train()
 
 
 def timed_save(run: Run, budget: TimeBudget) -> None:
@@ -246,7 +267,9 @@ def finish(run: Run, extra: dict | None = None) -> dict:
         **{f"eval_{k}": v for k, v in evaluated.items() if k != "loss"},
         "tokens": run.state.tokens,
         "trained_tokens": run.state.trained_tokens,
-        "wall_time_s": round(run.state.wall, 2),
+        "wall_time_s": round(run.state.wall, 2),  # the training steps only; eval and samples below
+        "eval_time_s": logged_seconds(run.run_dir / "metrics.jsonl", "eval_seconds"),
+        "sample_time_s": logged_seconds(run.run_dir / "metrics.jsonl", "sample_seconds"),
         "peak_memory_bytes": int(peak["peak_memory_gb"] * 2**30),
         **({"peak_reserved_bytes": int(peak["peak_reserved_gb"] * 2**30)} if "peak_reserved_gb" in peak else {}),
         "adapter_bytes": adapter_bytes,

@@ -112,14 +112,21 @@ class MetricsLog:
         self._append(record)
         self.write(format_record(record))
 
-    def eval(self, step: int, metrics: dict) -> dict:
-        """Log an evaluation: {"loss": ..., and the objective's statistics}; returns `metrics`."""
-        record = {"step": step, **{f"eval_{k}": v for k, v in metrics.items()}}
-        if set(metrics) == {"loss"}:  # SFT: a next-token loss, so a perplexity
+    def eval(self, step: int, metrics: dict | None, seconds: dict[str, float]) -> dict | None:
+        """Log an eval point: `metrics` ({"loss": ..., and the objective's statistics}; None when
+        there is no eval split) and how long it took (`eval_seconds`, `sample_seconds`), kept apart
+        from the training records' tokens/s. Returns `metrics`."""
+        record = {"step": step, **{f"eval_{k}": v for k, v in (metrics or {}).items()},
+                  **{k: round(v, 3) for k, v in seconds.items()}}
+        if metrics is not None and set(metrics) == {"loss"}:  # SFT: a next-token loss, so a perplexity
             record["eval_perplexity"] = perplexity(metrics["loss"])
         self._append(record)
+        took = ", ".join(f"{k.removesuffix('_seconds')} {v:.1f} s" for k, v in seconds.items())
+        if metrics is None:
+            self.write(f"step {step:>5}  samples ({took})")
+            return None
         ppl = f"  ppl {record['eval_perplexity']:.2f}" if "eval_perplexity" in record else ""
-        self.write(f"step {step:>5}  eval loss {metrics['loss']:.4f}{ppl}{format_preference(record, 'eval_')}")
+        self.write(f"step {step:>5}  eval loss {metrics['loss']:.4f}{ppl}{format_preference(record, 'eval_')}  ({took})")
         return metrics
 
     def _append(self, record: dict) -> None:
@@ -142,6 +149,11 @@ def truncate_metrics(path: Path, step: int) -> None:
     atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in keep))
 
 
+def logged_seconds(path: Path, key: str) -> float:
+    """The sum of `key` (eval_seconds, sample_seconds) over metrics.jsonl: time spent outside training steps."""
+    return round(sum(r.get(key, 0.0) for r in read_log(path)), 2)
+
+
 def last_logged_loss(path: Path) -> float | None:
     losses = [r.get("loss") for r in read_log(path)]
     losses = [x for x in losses if x is not None]
@@ -159,7 +171,8 @@ def format_summary(s: dict) -> str:
         ("eval loss", num("eval_loss", ".4f")),
         ("perplexity", num("eval_perplexity", ".2f")),
         ("tokens", f"{s['tokens']:,} ({s['trained_tokens']:,} trained)"),
-        ("wall time", f"{s['wall_time_s']:.1f} s"),
+        ("wall time", f"{s['wall_time_s']:.1f} s training" + "".join(
+            f", {s[k]:.1f} s {what}" for k, what in (("eval_time_s", "eval"), ("sample_time_s", "samples")) if s.get(k))),
         ("peak memory", f"{s['peak_memory_bytes'] / 2**30:.2f} GB"),
         ("adapter", f"{s['adapter_bytes'] / 2**20:.2f} MB"),
     ]

@@ -218,7 +218,8 @@ def restore_run(run: Run) -> None:
     run.state = RunState(**dict(saved, world_size=world.size))
     run.saved_step = run.state.step
     if world.main:
-        truncate_metrics(run.run_dir / "metrics.jsonl", run.state.step)
+        for log in ("metrics.jsonl", "samples.jsonl"):
+            truncate_metrics(run.run_dir / log, run.state.step)
         print(f"resumed from {ckpt} (step {run.state.step} of {run.total_steps})")
 
 

@@ -44,6 +44,14 @@ def numbers(record: dict) -> dict[str, float]:
             if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
+def samples_markdown(rows: list[dict]) -> str:
+    """Sample answers as a Markdown table (TensorBoard renders text summaries as Markdown)."""
+    def cell(text: str) -> str:
+        return text.replace("|", "\\|").replace("\n", "<br>")
+    lines = ["| # | prompt | answer |", "|---|---|---|"]
+    return "\n".join(lines + [f"| {r['index']} | {cell(r['prompt'])} | {cell(r['completion'])} |" for r in rows])
+
+
 def flat_recipe(recipe: Recipe) -> dict[str, str]:
     """The resolved recipe as `section.key -> value` strings (MLflow params)."""
     out: dict[str, str] = {}
@@ -71,6 +79,11 @@ class Tracker:
     def log(self, record: dict) -> None:
         for b in self.backends:
             b.log(int(record["step"]), numbers(record))
+
+    def samples(self, step: int, rows: list[dict]) -> None:
+        """The sample answers of one step (train/samples.py): TensorBoard text, a W&B table, an MLflow artifact."""
+        for b in self.backends:
+            b.samples(step, rows)
 
     def finish(self, summary: dict) -> None:
         for b in self.backends:
@@ -136,6 +149,10 @@ class TensorBoard:
         self.step = step
         self.writer.flush()
 
+    def samples(self, step: int, rows: list[dict]) -> None:
+        self.writer.add_text("samples", samples_markdown(rows), step)
+        self.writer.flush()
+
     def finish(self, summary: dict) -> None:
         for k, v in numbers(summary).items():
             self.writer.add_scalar(f"summary/{k}", v, self.step)
@@ -160,6 +177,13 @@ class WandB:
     def log(self, step: int, values: dict[str, float]) -> None:
         # W&B wants increasing steps; an eval at a logged step joins that step's row.
         self.run.log(values, step=step)
+
+    def samples(self, step: int, rows: list[dict]) -> None:
+        import wandb
+
+        table = wandb.Table(columns=["step", "index", "prompt", "completion"],
+                            data=[[r["step"], r["index"], r["prompt"], r["completion"]] for r in rows])
+        self.run.log({"samples": table}, step=step)
 
     def finish(self, summary: dict) -> None:
         self.run.summary.update({k: v for k, v in summary.items() if not isinstance(v, dict)})
@@ -208,6 +232,10 @@ class MLflow:
 
         now = int(time.time() * 1000)
         self.client.log_batch(self.run_id, metrics=[Metric(k, v, now, step) for k, v in values.items()])
+
+    def samples(self, step: int, rows: list[dict]) -> None:
+        text = "".join(json.dumps(r) + "\n" for r in rows)
+        self.client.log_text(self.run_id, text, f"samples/step-{step:06d}.jsonl")
 
     def finish(self, summary: dict) -> None:
         from mlflow.entities import Metric
