@@ -134,3 +134,47 @@ def test_a_requantized_gguf_reads_back_with_the_metadata_and_the_planned_types(t
         assert np.abs(got - want).max() <= tol, t.name
     assert (len(plan.fallbacks) > 0) == (gguf_type in ("q4_K_M", "q5_K_M", "q6_K"))  # the 576-wide attn_q
     assert bool(logged) == bool(plan.fallbacks)
+
+
+def unpack_q4_k(b: np.ndarray):
+    """(d, dmin, scales, mins, levels) from one Q4_K block's 144 bytes, as llama.cpp's get_scale_min_k4."""
+    d, dmin = b[0:2].view(np.float16)[0], b[2:4].view(np.float16)[0]
+    q = b[4:16].astype(int)
+    sc = [q[j] & 63 for j in range(4)] + [(q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4) for j in range(4, 8)]
+    mn = [q[j + 4] & 63 for j in range(4)] + [(q[j + 4] >> 4) | ((q[j] >> 6) << 4) for j in range(4, 8)]
+    qs = b[16:].astype(int)
+    levels = []
+    for c in range(4):
+        levels += [v & 0xF for v in qs[32 * c:32 * c + 32]] + [v >> 4 for v in qs[32 * c:32 * c + 32]]
+    return d, dmin, sc, mn, levels
+
+
+def test_the_vectorized_q4_k_writes_the_bytes_of_llama_cpps_reference_c_block_by_block():
+    from kquant_reference import q4_k_levels
+
+    x = weights("outliers", (1, 1024), seed=3)
+    q = quantize(x, T.Q4_K).reshape(-1, 144)
+    same = 0
+    for i, block in enumerate(x.reshape(-1, 256)):
+        d, dmin, ls, lm, L = q4_k_levels(block)
+        got = unpack_q4_k(q[i])
+        assert got[0] == d and got[1] == dmin and list(got[2]) == ls and list(got[3]) == lm
+        same += got[4] == L
+    assert same == 4
+
+
+def test_the_vectorized_q6_k_writes_the_levels_of_llama_cpps_reference_c():
+    from kquant_reference import q6_k_levels
+
+    x = weights("heavy", (1, 512), seed=4)
+    q = quantize(x, T.Q6_K).reshape(-1, 210)
+    for i, block in enumerate(x.reshape(-1, 256)):
+        d, sc, L = q6_k_levels(block)
+        assert q[i, 208:].view(np.float16)[0] == d and list(q[i, 192:208].view(np.int8)) == sc
+        ql, qh = q[i, :128].astype(int), q[i, 128:192].astype(int)
+        got = []
+        for h in range(2):
+            for r in range(4):
+                low = ql[h * 64 + (r % 2) * 32: h * 64 + (r % 2) * 32 + 32] >> (4 * (r // 2)) & 0xF
+                got += list(low | ((qh[h * 32:h * 32 + 32] >> (2 * r)) & 3) << 4)
+        assert got == L
