@@ -84,9 +84,13 @@ def _figures(run_dir: Path | None) -> list[str]:
     data = run_dir / "data_summary.json" if run_dir else None
     if data and data.is_file():
         d = json.loads(data.read_text())
-        lines.append(f"- data: `{d['source']}` ({d['data_format']}, {d['template']} prompts): {d['train_samples']} "
-                     f"training / {d['eval_samples']} eval samples, {d['tokens']} tokens of which "
-                     f"{d['trained_tokens']} trained, {d['truncated']} truncated to {d['max_seq_len']}")
+        if "pairs" in d:  # preference pairs (data/preference.py's summary)
+            size = (f"{d['pairs']} training / {d['eval_pairs']} eval pairs, {d['tokens']} tokens (chosen + rejected), "
+                    f"{d['too_long']} over {d['max_seq_len']} tokens dropped")
+        else:
+            size = (f"{d['train_samples']} training / {d['eval_samples']} eval samples, {d['tokens']} tokens of which "
+                    f"{d['trained_tokens']} trained, {d['truncated']} truncated to {d['max_seq_len']}")
+        lines.append(f"- data: `{d['source']}` ({d['data_format']}, {d['template']} prompts): {size}")
     summary = run_dir / "summary.json" if run_dir else None
     if summary and summary.is_file():
         s = json.loads(summary.read_text())

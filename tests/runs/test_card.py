@@ -59,3 +59,12 @@ def test_export_writes_a_transformers_model_card_beside_the_weights(tiny_llama, 
     meta, body = split_card((tmp_path / "out" / "README.md").read_text())
     assert meta["library_name"] == "transformers" and meta["base_model"] == tiny_llama
     assert "AutoModelForCausalLM.from_pretrained" in body and "gguf" not in meta["tags"]
+
+
+def test_a_preference_run_card_gives_its_pairs(tmp_path):
+    pairs = {"source": "pairs.jsonl", "data_format": "preference", "template": "chat template", "rows": 144,
+             "pairs": 130, "eval_pairs": 14, "tokens": 11206, "completion_tokens": 1134, "identical": 0,
+             "too_long": 0, "longest": 46, "max_seq_len": 64, "from_cache": False}
+    (tmp_path / "data_summary.json").write_text(json.dumps(pairs))
+    _, body = split_card(adapter_card(recipe_for(tmp_path, "tatsu-lab/alpaca"), tmp_path))
+    assert "130 training / 14 eval pairs" in body
