@@ -177,11 +177,10 @@ def quantize(data: np.ndarray, qtype) -> np.ndarray:
         raise ValueError(f"{qtype.name}: a row of {cols} weights is not a multiple of its block size {block}")
     kernel = _KQUANTS.get(qtype.name)
     flat = data.reshape(rows, cols)
-    if kernel is None:
-        return np.asarray(gguf.quants.quantize(flat.astype(F32), qtype)).reshape(rows, -1)
     out = np.empty((rows, cols // block * type_size), dtype=np.uint8)
-    step = max(1, CHUNK_VALUES // cols)
+    step = max(1, CHUNK_VALUES // cols)  # chunks for the simple types too: gguf's quantizer is whole-array numpy
     for r in range(0, rows, step):
         chunk = np.ascontiguousarray(flat[r:r + step], dtype=F32)
-        out[r:r + step] = kernel(chunk.reshape(-1, QK_K)).reshape(chunk.shape[0], -1)
+        q = kernel(chunk.reshape(-1, QK_K)) if kernel else np.asarray(gguf.quants.quantize(chunk, qtype))
+        out[r:r + step] = q.reshape(chunk.shape[0], -1)
     return out
