@@ -71,7 +71,9 @@ def main() -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from qlora_lite.export.gguf_requant import requantize
+    from qlora_lite.utils.libraries import quiet_progress_bars
 
+    quiet_progress_bars()
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     ref = out / "model-bf16.gguf"
