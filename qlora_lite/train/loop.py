@@ -20,8 +20,8 @@ from ..lora.files import save_adapter
 from ..lora.layer import trainable_summary
 from ..parallel.distributed import close_world, merge_peaks, peer_lost, step_sync, world_is_main
 from ..recipe import Recipe
-from ..runs.events import record_event
 from ..runs.card import adapter_card, write_card
+from ..runs.events import record_event
 from ..runs.lock import run_lock
 from ..utils.atomic import atomic_dir, atomic_write_json
 from .batches import MicroBatch, mask_dtype, micro_batches
