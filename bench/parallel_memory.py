@@ -10,7 +10,6 @@ Writes OUT/memory.json (every rank's breakdown and the estimate) and prints a ta
 from __future__ import annotations
 
 import argparse
-import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -61,4 +60,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from qlora_lite.parallel.distributed import exit_process
+
+    exit_process(main())

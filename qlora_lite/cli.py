@@ -72,10 +72,11 @@ def run(recipe, overrides, resume, accept_changed_data, overwrite, demo, nproc):
                 *(["--accept-changed-data"] if accept_changed_data else []),
                 *(["--overwrite"] if overwrite else []), *(["--demo"] if demo else [])]
         sys.exit(launch(nproc, ["run", *args]))
+    from .parallel.distributed import exit_process
     from .train.loop import run_recipe
 
-    sys.exit(run_recipe(cfg, resume={"latest": True, "auto": "auto", None: False}[resume], overwrite=overwrite,
-                        demo=demo, accept_changed_data=accept_changed_data, recipe_path=recipe))
+    exit_process(run_recipe(cfg, resume={"latest": True, "auto": "auto", None: False}[resume], overwrite=overwrite,
+                            demo=demo, accept_changed_data=accept_changed_data, recipe_path=recipe))
 
 
 @main.command()
