@@ -22,14 +22,10 @@ from ..data.dataset import IGNORE_INDEX
 CPU_LOSS_ROW_MULTIPLE = 64
 
 
-def _chunk_loss(h: torch.Tensor, weight: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    logits = (h @ weight.T).float()
-    return F.cross_entropy(logits, target, reduction="sum", ignore_index=IGNORE_INDEX)
-
-
 def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                           chunk_size: int = 1024, positions: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
-    """Summed next-token cross-entropy and the number of tokens it covers.
+    """Summed next-token cross-entropy and the number of tokens it covers: minus the sum of
+    `chunked_token_logps`, so SFT and the preference losses score tokens by one rule.
 
     Args:
         hidden (Tensor): [B, T, H] final hidden states.
@@ -41,29 +37,11 @@ def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: to
 
     Returns:
         (loss_sum, n_tokens): divide by the step's token count, not the micro-batch's, so
-        gradient accumulation weights every trained token equally.
+        gradient accumulation weights every trained token equally. No labelled token gives a
+        zero that still backpropagates (every rank's backward must run).
     """
-    h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
-    target = labels[:, 1:].reshape(-1)
-    if positions is None:
-        keep = target != IGNORE_INDEX
-        h, target = h[keep], target[keep]
-    else:
-        h, target = h.index_select(0, positions), target.index_select(0, positions)
-    n = int(target.shape[0])  # a shape, known on the host
-    if n == 0:
-        return hidden.sum() * 0.0, 0
-    pad = -n % CPU_LOSS_ROW_MULTIPLE if h.device.type == "cpu" else 0
-    if pad:
-        h, target = F.pad(h, (0, 0, 0, pad)), F.pad(target, (0, pad), value=IGNORE_INDEX)
-    if chunk_size <= 0 or n + pad <= chunk_size:
-        return _chunk_loss(h, weight, target), n
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for start in range(0, n + pad, chunk_size):
-        # Recompute each chunk's logits in backward rather than keeping them all alive.
-        total = total + checkpoint(_chunk_loss, h[start:start + chunk_size], weight,
-                                   target[start:start + chunk_size], use_reentrant=False)
-    return total, n
+    logps = chunked_token_logps(hidden, weight, labels, chunk_size, positions)
+    return -logps.sum(), int(logps.shape[0])  # a shape, known on the host
 
 
 def _chunk_logps(h: torch.Tensor, weight: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -75,8 +53,8 @@ def chunked_token_logps(hidden: torch.Tensor, weight: torch.Tensor, labels: torc
                         positions: torch.Tensor | None = None) -> torch.Tensor:
     """fp32 log-probabilities of the labelled next tokens, in label order, computed in chunks.
 
-    The preference losses need them per token (summed per sequence); like `chunked_cross_entropy`
-    only `chunk_size` rows of logits exist at a time, in the policy's backward (recomputed per
+    SFT sums them (`chunked_cross_entropy`), the preference losses per sequence; only
+    `chunk_size` rows of logits exist at a time, in the policy's backward (recomputed per
     chunk) and in the reference pass under no_grad alike (trl #3168: full-vocabulary logits of
     the reference pass took 17 GB on a 4-bit 0.5B).
 
@@ -129,25 +107,16 @@ def token_logps(model, batch: dict, chunk_size: int) -> torch.Tensor:
 
 
 def causal_lm_loss(model, batch: dict, chunk_size: int) -> tuple[torch.Tensor, int]:
-    """Run the decoder, then the chunked loss on its last hidden states.
+    """Run the decoder, then the summed next-token cross-entropy and its token count
+    (minus the sum of `token_logps`).
 
     Args:
         model: a Hugging Face causal LM (LoRA-wrapped or not).
         batch (dict): input_ids, labels, and optionally attention_mask / position_ids.
-        chunk_size (int): see `chunked_cross_entropy`.
+        chunk_size (int): see `chunked_token_logps`.
     """
-    inputs = {k: v for k, v in batch.items() if k in MODEL_INPUTS}
-    if not plain_linear_head(model):
-        # The model shapes its logits (a head bias, soft-capping, scaling): let it, then score.
-        logits = model(**inputs, use_cache=False).logits
-        target = batch["labels"][:, 1:].reshape(-1)
-        n = int((target != IGNORE_INDEX).sum())
-        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), target,
-                               ignore_index=IGNORE_INDEX, reduction="sum")
-        return loss, n
-    out = model.get_decoder()(**inputs, use_cache=False)
-    return chunked_cross_entropy(out.last_hidden_state, model.get_output_embeddings().weight,
-                                 batch["labels"], chunk_size, batch.get(LABEL_POSITIONS))
+    logps = token_logps(model, batch, chunk_size)
+    return -logps.sum(), int(logps.shape[0])
 
 
 # What the decoder takes from a batch; `packed_sample_bounds` is read once per forward by the
